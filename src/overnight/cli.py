@@ -1,0 +1,263 @@
+"""The `overnight` command: thin Typer commands over the rooms that do the work."""
+
+from __future__ import annotations
+
+import functools
+import signal
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from overnight import __version__
+from overnight.errors import ConfigError, OvernightError
+
+app = typer.Typer(
+    name="overnight",
+    help="Autonomous research loops you can leave alone overnight: a proposer edits your "
+    "script, every candidate runs under a fixed budget, real improvements are kept on the "
+    "git branch overnight/<tag>, and everything is recorded in .overnight/ledger.sqlite.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(soft_wrap=True)  # long lines stay whole in logs
+err_console = Console(stderr=True, soft_wrap=True)
+
+RepoOpt = Annotated[Path, typer.Option("--repo", "-C", help="Repository to work in.",
+                                       show_default=False)]
+TagOpt = Annotated[Optional[str], typer.Option("--tag", "-t",
+                   help="Loop tag (branch overnight/<tag>). Default: the most recent tag.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"overnight {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version,
+                                                is_eager=True, help="Show the version.")] = False
+          ) -> None:
+    pass
+
+
+def command(fn):  # noqa: ANN001, ANN201
+    """Register a command whose expected failures print one message and exit with their code."""
+
+    @functools.wraps(fn)
+    def guarded(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        try:
+            return fn(*args, **kwargs)
+        except OvernightError as e:
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+            raise typer.Exit(e.exit_code) from None
+
+    return app.command()(guarded)
+
+
+class Direction(str, Enum):
+    lower = "lower"
+    higher = "higher"
+
+
+class Format(str, Enum):
+    tsv = "tsv"
+    jsonl = "jsonl"
+
+
+@command
+def init(
+    command: Annotated[Optional[str], typer.Option(help="How to run one experiment. "
+                       "Default: `python train.py` (`uv run train.py` with a uv.lock).")] = None,
+    metric: Annotated[Optional[str], typer.Option(help="Metric the script prints. "
+                      "Default: guessed from its print statements (val_bpb, val_loss, ...).")] = None,
+    direction: Annotated[Optional[Direction], typer.Option(help="Is lower or higher better?")] = None,
+    editable: Annotated[Optional[list[str]], typer.Option(help="File the proposer may edit "
+                        "(repeatable). Default: train.py.")] = None,
+    protected: Annotated[Optional[list[str]], typer.Option(help="File nobody may edit "
+                         "(repeatable). Default: prepare.py if present.")] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing overnight.toml.")] = False,
+    repo: RepoOpt = Path("."),
+) -> None:
+    """Write overnight.toml for this repository and keep .overnight/ out of git."""
+    from overnight.workspace import write_init
+
+    path, spec = write_init(repo, command, metric, direction.value if direction else None,
+                            editable or [], protected or [], force)
+    console.print(f"wrote {path}: {spec.objective.direction} {spec.objective.metric} is better; "
+                  f"runs `{spec.run.command}`; edits {', '.join(spec.files.editable)}"
+                  + (f"; protects {', '.join(spec.files.protected)}" if spec.files.protected else ""))
+    console.print("next: review it, `git add overnight.toml && git commit`, then `overnight run`")
+
+
+@command
+def run(
+    max_experiments: Annotated[Optional[int], typer.Option("--max-experiments", "-n", min=1,
+                               help="Stop after this many experiments for the tag, baseline "
+                               "included (a resumed run counts what is already done). "
+                               "Default: until stopped.")] = None,
+    parallel: Annotated[Optional[int], typer.Option(min=1, help="Slots running at once "
+                        "(overrides [run] parallel).")] = None,
+    tag: TagOpt = None,
+    budget: Annotated[Optional[float], typer.Option(min=0.001, help="Seconds per experiment "
+                      "(overrides [run] budget_seconds).")] = None,
+    repo: RepoOpt = Path("."),
+) -> None:
+    """Run the research loop: baseline first, then propose, run, judge, keep or revert.
+
+    Ctrl-C kills running experiments and records them; running the same command again
+    resumes the tag, redoing lost work and never counting anything twice.
+    """
+    from overnight.runner import run_loop
+    from overnight.workspace import Workspace
+
+    ws = Workspace.open(repo)
+    outcome = run_loop(ws, console, tag, max_experiments, parallel, budget)
+    _summary(ws, outcome.tag)
+    console.print(f"stopped: {outcome.stopped_because}")
+    if outcome.interrupted:
+        raise typer.Exit(130)
+
+
+def _summary(ws, tag: str) -> None:  # noqa: ANN001
+    from overnight.report import status_view
+
+    ledger = ws.ledger()
+    try:
+        console.print(status_view(ledger, tag, ws.spec.objective))
+    finally:
+        ledger.close()
+
+
+@command
+def status(tag: TagOpt = None, repo: RepoOpt = Path(".")) -> None:
+    """Counts by status, baseline, best, improvement, and what is running."""
+    from overnight.workspace import Workspace, default_tag
+
+    ws = Workspace.open(repo)
+    ledger = ws.ledger()
+    try:
+        if not ledger.tags():
+            console.print("no experiments yet: start with `overnight run`")
+            return
+        tag = tag or default_tag(ledger)
+        if tag not in ledger.tags():
+            raise ConfigError(f"no experiments with tag '{tag}'; tags: {', '.join(ledger.tags())}")
+    finally:
+        ledger.close()
+    _summary(ws, tag)
+
+
+@command
+def export(
+    format: Annotated[Format, typer.Option("--format", "-f", help="tsv: the autoresearch "
+                      "results.tsv columns; jsonl: every field.")] = Format.tsv,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o",
+                      help="Write here instead of standard output.")] = None,
+    tag: TagOpt = None,
+    repo: RepoOpt = Path("."),
+) -> None:
+    """Export the ledger of a tag as results.tsv or JSONL."""
+    from overnight.ledger import export_jsonl, export_tsv
+    from overnight.workspace import Workspace, default_tag
+
+    ws = Workspace.open(repo)
+    ledger = ws.ledger()
+    try:
+        rows = ledger.experiments(tag or default_tag(ledger))
+    finally:
+        ledger.close()
+    text = export_tsv(rows, ws.spec.objective.metric) if format == Format.tsv else export_jsonl(rows)
+    if output:
+        output.write_text(text)
+        err_console.print(f"wrote {len(rows)} experiments to {output}")
+    else:
+        sys.stdout.write(text)
+
+
+def _row(ws, experiment_id: int):  # noqa: ANN001, ANN202
+    ledger = ws.ledger()
+    try:
+        row = ledger.get(experiment_id)
+    finally:
+        ledger.close()
+    if row is None:
+        raise ConfigError(f"no experiment #{experiment_id}: `overnight export` lists them")
+    return row
+
+
+def _diff(ws, row) -> str:  # noqa: ANN001
+    if not row.commit_sha or not row.parent:
+        return ""
+    return ws.repo.diff(row.parent, row.commit_sha)
+
+
+@command
+def show(experiment_id: Annotated[int, typer.Argument(metavar="ID")],
+         repo: RepoOpt = Path(".")) -> None:
+    """One experiment: description, diff against its parent, metrics, log tail, timings."""
+    from overnight.report import show_view
+    from overnight.workspace import Workspace
+
+    ws = Workspace.open(repo)
+    row = _row(ws, experiment_id)
+    console.print(show_view(row, ws.spec.objective, _diff(ws, row)))
+
+
+@command
+def diff(experiment_id: Annotated[int, typer.Argument(metavar="ID")],
+         repo: RepoOpt = Path(".")) -> None:
+    """The change an experiment made, as a git diff against its parent."""
+    from overnight.workspace import Workspace
+
+    ws = Workspace.open(repo)
+    row = _row(ws, experiment_id)
+    if row.is_baseline:
+        err_console.print(f"#{experiment_id} is the baseline: HEAD, unchanged")
+        return
+    sys.stdout.write(_diff(ws, row) + "\n")
+
+
+@command
+def demo(
+    directory: Annotated[Path, typer.Argument(help="Where to create the demo repository.")]
+    = Path("overnight-demo"),
+    max_experiments: Annotated[int, typer.Option("--max-experiments", "-n", min=1,
+                               help="Experiments to run, baseline included.")] = 10,
+    budget: Annotated[float, typer.Option(min=1, help="Training seconds per experiment.")] = 20,
+) -> None:
+    """Train a tiny GPT on CPU or GPU and improve it with the search proposer.
+
+    No API key, no GPU and no network needed. Running it again resumes in the same directory.
+    """
+    from overnight import demo as demo_mod
+    from overnight.runner import run_loop
+    from overnight.workspace import Workspace
+
+    created = demo_mod.create(directory)
+    console.print(f"{'created' if created else 'resuming'} the tinygpt demo in {directory}")
+    ws = Workspace.open(directory)
+    outcome = run_loop(ws, console, "demo", max_experiments, None, budget)
+    _summary(ws, outcome.tag)
+    console.print(f"look around: cd {directory} && overnight status && overnight export && "
+                  "git log --oneline overnight/demo")
+    if outcome.interrupted:
+        raise typer.Exit(130)
+
+
+def _sigterm(signum, frame) -> None:  # noqa: ANN001
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    signal.signal(signal.SIGTERM, _sigterm)  # a job system's stop is handled like Ctrl-C
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Executors run a candidate's tree under a budget and report what happened."""

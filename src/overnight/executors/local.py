@@ -1,0 +1,262 @@
+"""The local executor: one slot per GPU (or N CPU slots), one process group per experiment.
+
+Each run gets its own directory materialized from the commit, its own session
+(so a timeout or Ctrl-C kills the whole tree, grandchildren included), a log
+file, a hard timeout (TERM, grace, KILL), and peak memory of the process tree.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import psutil
+
+from overnight.errors import ConfigError
+from overnight.executors.base import Executor, RunRequest, RunResult
+from overnight.metrics import Metrics, merge_json_file, parse_log
+from overnight.snapshot import Repo
+
+
+def visible_gpus() -> list[str]:
+    """GPU ids this process may use: CUDA_VISIBLE_DEVICES if set, else what nvidia-smi lists."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=10, check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()]
+
+
+def gpu_names() -> dict[str, str]:
+    if shutil.which("nvidia-smi") is None:
+        return {}
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index,name", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=10, check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    names = {}
+    for line in out.stdout.splitlines():
+        if "," in line:
+            idx, name = line.split(",", 1)
+            names[idx.strip()] = name.strip()
+    return names
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
+
+
+def resolve_slots(parallel: int | str) -> tuple[int, list[str]]:
+    """(number of slots, GPU id per slot or [] for CPU slots)."""
+    gpus = visible_gpus()
+    if parallel == "gpus":
+        if not gpus:
+            raise ConfigError(
+                'parallel = "gpus" but no GPU is visible (nvidia-smi found none): '
+                "set [run] parallel to a number of CPU slots, or pass --parallel N"
+            )
+        return len(gpus), gpus
+    n = int(parallel)
+    if gpus and n > len(gpus):
+        raise ConfigError(
+            f"parallel = {n} but only {len(gpus)} GPU(s) are visible: one slot per GPU keeps "
+            f'runs comparable; use parallel = "gpus" or a number <= {len(gpus)}'
+        )
+    return n, gpus[:n] if gpus else []
+
+
+class LocalExecutor(Executor):
+    def __init__(self, repo: Repo, slots: int, gpus: list[str] | None = None,
+                 sample_interval: float = 0.5):
+        self.repo = repo
+        self.slots = slots
+        self.gpus = gpus or []
+        self.sample_interval = sample_interval
+        self._pool = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="overnight-slot")
+        self._lock = threading.Lock()
+        self._live: dict[int, subprocess.Popen] = {}
+        self._cancelled = threading.Event()
+        names = gpu_names() if self.gpus else {}
+        self._hardware = {
+            slot: (f"{names.get(g, 'gpu')} (gpu {g})" if self.gpus else f"{cpu_name()} (cpu)")
+            for slot, g in enumerate(self.gpus or [None] * slots)
+        }
+
+    def submit(self, request: RunRequest) -> Future[RunResult]:
+        return self._pool.submit(self._run, request)
+
+    def cancel_all(self) -> None:
+        self._cancelled.set()
+        with self._lock:
+            live = list(self._live.values())
+        for proc in live:
+            _signal_group(proc.pid, signal.SIGTERM)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    # -- one run -------------------------------------------------------------
+
+    def _env(self, req: RunRequest) -> dict[str, str]:
+        env = {**os.environ, **req.env}
+        env["OVERNIGHT_BUDGET_SECONDS"] = f"{req.budget_seconds:g}"
+        env["OVERNIGHT_EXPERIMENT_ID"] = str(req.experiment_id)
+        env["OVERNIGHT_RUN_DIR"] = str(req.run_dir)
+        env["OVERNIGHT_SLOT"] = str(req.slot)
+        env["PYTHONUNBUFFERED"] = "1"  # so the log shows progress and survives a kill
+        if self.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = self.gpus[req.slot % len(self.gpus)]
+        return env
+
+    def _run(self, req: RunRequest) -> RunResult:
+        hardware = self._hardware.get(req.slot, "")
+        if self._cancelled.is_set():
+            now = time.time()
+            return RunResult("lost", None, now, now, reason="interrupted before start",
+                             hardware=hardware)
+        if req.run_dir.exists():  # a retry of a lost run starts from a fresh directory
+            shutil.rmtree(req.run_dir)
+        self.repo.materialize(req.commit, req.workdir)
+        with open(req.log_path, "wb") as log:
+            started = time.time()
+            proc = subprocess.Popen(
+                ["/bin/sh", "-c", req.command], cwd=req.workdir, env=self._env(req),
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: we can kill the whole tree
+            )
+            with self._lock:
+                self._live[req.experiment_id] = proc
+            try:
+                timed_out, peak = self._wait(proc, started + req.timeout_seconds,
+                                             req.kill_grace_seconds)
+            finally:
+                with self._lock:
+                    self._live.pop(req.experiment_id, None)
+        exited = time.time()
+        return self._result(req, proc.returncode, timed_out, peak, started, exited, hardware)
+
+    def _wait(self, proc: subprocess.Popen, deadline: float, grace: float) -> tuple[bool, float]:
+        """Wait for exit, sampling memory; on the deadline kill the group. (timed_out, peak MB)."""
+        watcher = _TreeWatcher(proc.pid)
+        interval = 0.02  # sample early runs often, then back off to the steady interval
+        timed_out = False
+        while True:
+            if self._cancelled.is_set():
+                _kill_group(proc, grace)
+                break
+            left = deadline - time.time()
+            if left <= 0:
+                timed_out = True
+                _kill_group(proc, grace)
+                break
+            try:
+                proc.wait(timeout=min(interval, left))
+                break
+            except subprocess.TimeoutExpired:
+                watcher.sample()
+                interval = min(interval * 2, self.sample_interval)
+        # Whatever the main process left behind in its group, or spawned into its own
+        # session, dies with it: an experiment never outlives its run.
+        _signal_group(proc.pid, signal.SIGKILL)
+        watcher.kill_leftovers()
+        return timed_out, watcher.peak_mb
+
+    def _result(self, req: RunRequest, rc: int | None, timed_out: bool, peak: float,
+                started: float, exited: float, hardware: str) -> RunResult:
+        metrics = parse_log(req.log_path)
+        reason = ""
+        if req.metrics_file:
+            err = merge_json_file(req.workdir / req.metrics_file, metrics)
+            if err and rc == 0:
+                reason = err
+        if self._cancelled.is_set() and not timed_out:
+            status, reason = "lost", "interrupted (the loop was stopped)"
+        elif timed_out:
+            status = "timeout"
+            reason = f"killed after the {req.timeout_seconds:g}s timeout"
+        elif rc != 0:
+            status = "crash"
+            reason = f"exit code {rc}" if rc is not None and rc >= 0 else f"killed by signal {-rc}"
+        else:
+            status = "ok"
+        return RunResult(
+            status=status, returncode=rc, started_at=started, finished_at=time.time(),
+            metrics=metrics if isinstance(metrics, Metrics) else Metrics(),
+            peak_rss_mb=peak or None, reason=reason, hardware=hardware, exited_at=exited,
+        )
+
+
+class _TreeWatcher:
+    """Peak RSS of a process tree, and every descendant seen, to kill escapees at the end."""
+
+    def __init__(self, pid: int):
+        self.peak_mb = 0.0
+        self.seen: dict[int, psutil.Process] = {}
+        try:
+            self.root = psutil.Process(pid)
+        except psutil.NoSuchProcess:
+            self.root = None
+
+    def sample(self) -> None:
+        if self.root is None:
+            return
+        try:
+            procs = [self.root, *self.root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return
+        total = 0
+        for p in procs:
+            try:
+                total += p.memory_info().rss
+                self.seen.setdefault(p.pid, p)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        self.peak_mb = max(self.peak_mb, total / 2**20)
+
+    def kill_leftovers(self) -> None:
+        for p in self.seen.values():
+            try:
+                if p.is_running():  # psutil checks the pid was not reused
+                    p.kill()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _kill_group(proc: subprocess.Popen, grace: float) -> None:
+    """TERM the whole group, give it `grace` seconds, then KILL it."""
+    _signal_group(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        _signal_group(proc.pid, signal.SIGKILL)
+        proc.wait()

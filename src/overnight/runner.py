@@ -1,0 +1,48 @@
+"""Wiring for one `overnight run`: spec overrides, executor, proposer, reporter, loop."""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+from overnight.executors.local import LocalExecutor, resolve_slots
+from overnight.proposers import make_proposer
+from overnight.report import ConsoleReporter
+from overnight.scheduler import Loop, Outcome
+from overnight.workspace import Workspace, check_tag, default_tag
+
+
+def run_loop(ws: Workspace, console: Console, tag: str | None = None,
+             max_experiments: int | None = None, parallel: int | None = None,
+             budget: float | None = None) -> Outcome:
+    spec = ws.spec
+    run = spec.run
+    if budget is not None:
+        # A longer budget than the spec's timeout would be killed: stretch the timeout with it.
+        timeout = max(run.timeout_seconds, budget * 2)
+        run = run.model_copy(update={"budget_seconds": budget, "timeout_seconds": timeout})
+    if parallel is not None:
+        run = run.model_copy(update={"parallel": parallel})
+    spec = spec.model_copy(update={"run": run})
+    ws.preflight()
+    slots, gpus = resolve_slots(run.parallel)
+    ledger = ws.ledger()
+    try:
+        tag = check_tag(tag or default_tag(ledger))
+        executor = LocalExecutor(ws.repo, slots, gpus)
+        where = f"{slots} GPU slot(s)" if gpus else f"{slots} CPU slot(s)"
+        total = f", up to {max_experiments} experiments" if max_experiments else ""
+        console.print(f"[bold]overnight[/] tag [bold]{tag}[/] on {where}, budget "
+                      f"{run.budget_seconds:g}s{total}; branch overnight/{tag}; Ctrl-C stops "
+                      "cleanly and the same command resumes")
+        reporter = ConsoleReporter(console, ledger, spec.objective, tag, max_experiments)
+        loop = Loop(ws.repo, spec, ledger, executor, tag,
+                    proposer_factory=lambda files: make_proposer(spec, files),
+                    max_experiments=max_experiments, reporter=reporter,
+                    runs_root=ws.state / "runs")
+        try:
+            with reporter:
+                return loop.run()
+        finally:
+            executor.shutdown()
+    finally:
+        ledger.close()

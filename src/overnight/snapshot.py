@@ -1,0 +1,187 @@
+"""Git plumbing: candidate commits, refs, the kept branch and run directories.
+
+Never touches the user's working tree, index or HEAD: candidates are built in a
+temporary index file and written with `commit-tree`; run directories are
+materialized from the commit's objects with `git archive`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import tarfile
+import tempfile
+from pathlib import Path
+
+from overnight.errors import ConfigError, OvernightError
+
+# Commits are made by the harness, so they carry its identity whatever the user's config says.
+_IDENTITY = {
+    "GIT_AUTHOR_NAME": "overnight",
+    "GIT_AUTHOR_EMAIL": "overnight@localhost",
+    "GIT_COMMITTER_NAME": "overnight",
+    "GIT_COMMITTER_EMAIL": "overnight@localhost",
+}
+
+
+class GitError(OvernightError):
+    pass
+
+
+def branch_ref(tag: str) -> str:
+    return f"refs/heads/overnight/{tag}"
+
+
+def candidate_ref(tag: str, experiment_id: int) -> str:
+    return f"refs/overnight/{tag}/{experiment_id}"
+
+
+class Repo:
+    def __init__(self, root: Path):
+        self.root = root
+        self._env = {**os.environ, **_IDENTITY, "GIT_TERMINAL_PROMPT": "0"}
+        self._env.pop("GIT_INDEX_FILE", None)
+
+    @classmethod
+    def open(cls, path: Path) -> Repo:
+        try:
+            out = subprocess.run(
+                ["git", "rev-parse", "--show-toplevel"],
+                cwd=path, capture_output=True, text=True, check=False,
+            )
+        except FileNotFoundError:
+            raise ConfigError("git is not installed: install git and try again") from None
+        if out.returncode != 0:
+            raise ConfigError(
+                f"{path} is not inside a git repository: run `git init` and commit your "
+                "training script first (overnight keeps results as git commits)"
+            )
+        return cls(Path(out.stdout.strip()))
+
+    # -- running git ---------------------------------------------------------
+
+    def git(self, *args: str, input: bytes | None = None, env: dict[str, str] | None = None,
+            check: bool = True) -> str:
+        proc = subprocess.run(
+            ["git", *args], cwd=self.root, input=input, capture_output=True,
+            env={**self._env, **(env or {})}, check=False,
+        )
+        if check and proc.returncode != 0:
+            err = proc.stderr.decode(errors="replace").strip()
+            raise GitError(f"git {' '.join(args[:3])} failed: {err}")
+        return proc.stdout.decode(errors="replace").strip()
+
+    # -- reading ---------------------------------------------------------------
+
+    def head(self) -> str:
+        sha = self.git("rev-parse", "--verify", "-q", "HEAD^{commit}", check=False)
+        if not sha:
+            raise ConfigError("the repository has no commits yet: commit your files first")
+        return sha
+
+    def dirty(self, paths: list[str]) -> list[str]:
+        """Paths among `paths` with uncommitted changes, or not committed at all."""
+        out = self.git("status", "--porcelain", "--untracked-files=all", "--", *paths)
+        return sorted({line[3:].strip() for line in out.splitlines() if line.strip()})
+
+    def tracked(self, commit: str, paths: list[str]) -> set[str]:
+        out = self.git("ls-tree", "-r", "--name-only", commit, "--", *paths)
+        return set(out.splitlines())
+
+    def read_file(self, commit: str, path: str) -> str:
+        return self.git("cat-file", "blob", f"{commit}:{path}")
+
+    def read_files(self, commit: str, paths: list[str]) -> dict[str, str]:
+        """Text of several files at a commit in one git call."""
+        if not paths:
+            return {}
+        req = "".join(f"{commit}:{p}\n" for p in paths).encode()
+        proc = subprocess.run(
+            ["git", "cat-file", "--batch"], cwd=self.root, input=req,
+            capture_output=True, env=self._env, check=True,
+        )
+        out, data, pos = {}, proc.stdout, 0
+        for path in paths:
+            nl = data.index(b"\n", pos)
+            header = data[pos:nl].decode()
+            if header.endswith("missing"):
+                raise GitError(f"{path} does not exist at {commit[:10]}")
+            size = int(header.split()[2])
+            out[path] = data[nl + 1: nl + 1 + size].decode("utf-8", errors="replace")
+            pos = nl + 1 + size + 1
+        return out
+
+    def tree_of(self, commit: str) -> str:
+        return self.git("rev-parse", f"{commit}^{{tree}}")
+
+    def ref(self, name: str) -> str | None:
+        return self.git("rev-parse", "--verify", "-q", name, check=False) or None
+
+    def refs(self, prefix: str) -> dict[str, str]:
+        out = self.git("for-each-ref", "--format=%(refname) %(objectname)", prefix)
+        return dict(line.split(" ", 1) for line in out.splitlines() if line)
+
+    def diff(self, a: str, b: str) -> str:
+        return self.git("diff", a, b)
+
+    # -- writing (objects and refs only) ----------------------------------------
+
+    def commit_candidate(self, parent: str, edits: dict[str, str], message: str) -> str:
+        """A commit on top of `parent` whose editable files hold `edits`. Returns its sha."""
+        fd, index = tempfile.mkstemp(prefix="overnight-index-")
+        os.close(fd)
+        env = {"GIT_INDEX_FILE": index}
+        try:
+            self.git("read-tree", parent, env=env)
+            modes = {}
+            listed = self.git("ls-files", "-s", "--", *edits, env=env)
+            for line in listed.splitlines():
+                meta, path = line.split("\t", 1)
+                modes[path] = meta.split()[0]
+            info = []
+            for path, text in edits.items():
+                blob = self.git("hash-object", "-w", "--stdin", input=text.encode())
+                info.append(f"{modes.get(path, '100644')} {blob}\t{path}\n")
+            self.git("update-index", "--index-info", input="".join(info).encode(), env=env)
+            tree = self.git("write-tree", env=env)
+        finally:
+            os.unlink(index)
+        return self.git("commit-tree", tree, "-p", parent, input=message.encode())
+
+    def commit_tree(self, tree: str, parent: str, message: str) -> str:
+        return self.git("commit-tree", tree, "-p", parent, input=message.encode())
+
+    def set_ref(self, name: str, sha: str) -> None:
+        self.git("update-ref", name, sha)
+
+    def delete_ref(self, name: str) -> None:
+        self.git("update-ref", "-d", name, check=False)
+
+    def exclude(self, pattern: str) -> None:
+        """Add a pattern to .git/info/exclude once (never to the user's .gitignore)."""
+        path = Path(self.git("rev-parse", "--git-path", "info/exclude"))
+        if not path.is_absolute():
+            path = self.root / path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        existing = path.read_text().splitlines() if path.exists() else []
+        if pattern not in existing:
+            with open(path, "a") as f:
+                if existing and existing[-1] != "":
+                    f.write("\n")
+                f.write(pattern + "\n")
+
+    def materialize(self, commit: str, dest: Path) -> None:
+        """Write the commit's tree into `dest` (created), straight from git objects."""
+        proc = subprocess.run(
+            ["git", "archive", "--format=tar", commit], cwd=self.root,
+            capture_output=True, env=self._env, check=False,
+        )
+        if proc.returncode != 0:
+            raise GitError(f"git archive {commit[:10]} failed: {proc.stderr.decode().strip()}")
+        dest.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(fileobj=io.BytesIO(proc.stdout)) as tar:
+            if hasattr(tarfile, "tar_filter"):
+                tar.extractall(dest, filter="tar")
+            else:  # pragma: no cover - Python < 3.11.4
+                tar.extractall(dest)

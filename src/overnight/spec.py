@@ -1,0 +1,142 @@
+"""The research spec, `overnight.toml`: schema, defaults, and errors that name the key."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from overnight.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+SPEC_FILE = "overnight.toml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Objective(_Section):
+    metric: str = Field(min_length=1)
+    direction: Literal["lower", "higher"] = "lower"
+    min_delta: float = Field(default=0.0, ge=0.0)
+
+    def better(self, a: float, b: float) -> bool:
+        """True if `a` beats `b` by more than min_delta."""
+        if self.direction == "lower":
+            return a < b - self.min_delta
+        return a > b + self.min_delta
+
+
+class Run(_Section):
+    command: str = Field(min_length=1)
+    budget_seconds: float = Field(default=300, gt=0)
+    timeout_seconds: float = Field(default=600, gt=0)
+    parallel: int | Literal["gpus"] = 1
+    kill_grace_seconds: float = Field(default=5, ge=0)
+    metrics_file: str | None = None
+    keep_workdirs: Literal["kept", "all", "none"] = "kept"
+    env: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("parallel")
+    @classmethod
+    def _parallel_positive(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError('must be >= 1 or "gpus"')
+        return v
+
+    @model_validator(mode="after")
+    def _timeout_covers_budget(self) -> Run:
+        if self.timeout_seconds < self.budget_seconds:
+            raise ValueError(
+                f"timeout_seconds ({self.timeout_seconds:g}) must be >= budget_seconds "
+                f"({self.budget_seconds:g}): the timeout is the hard kill after the budget"
+            )
+        return self
+
+
+class Files(_Section):
+    editable: list[str] = Field(min_length=1)
+    protected: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> Files:
+        both = sorted(set(self.editable) & set(self.protected))
+        if both:
+            raise ValueError(f"{', '.join(both)} cannot be both editable and protected")
+        return self
+
+
+class Proposer(_Section):
+    kind: Literal["search"] = "search"
+
+
+class Search(_Section):
+    strategy: Literal["tpe", "perturb", "random", "grid"] = "tpe"
+    knobs: list[str] | None = None
+    bounds: dict[str, tuple[float, float]] = Field(default_factory=dict)
+    seed: int | None = None
+
+    @field_validator("bounds")
+    @classmethod
+    def _ordered(cls, v: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+        for name, (lo, hi) in v.items():
+            if not lo < hi:
+                raise ValueError(f"{name}: lower bound {lo:g} must be < upper bound {hi:g}")
+        return v
+
+
+class Spec(_Section):
+    objective: Objective
+    run: Run
+    files: Files
+    proposer: Proposer = Field(default_factory=Proposer)
+    search: Search = Field(default_factory=Search)
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    """('run', 'budget_seconds') -> '[run] budget_seconds'."""
+    parts = [str(p) for p in loc]
+    if not parts:
+        return "(top level)"
+    if len(parts) == 1:
+        return f"[{parts[0]}]"
+    return f"[{parts[0]}] " + ".".join(parts[1:])
+
+
+def parse_spec(data: dict, source: str = SPEC_FILE) -> Spec:
+    try:
+        return Spec.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            where = _loc(err["loc"])
+            if err["type"] == "extra_forbidden":
+                lines.append(f"{source}: {where} is not a known key (check the spelling)")
+            elif err["type"] == "missing":
+                lines.append(f"{source}: {where} is required")
+            else:
+                got = err.get("input")
+                shown = "" if isinstance(got, dict) else f", got {got!r}"
+                msg = err["msg"].removeprefix("Value error, ")
+                lines.append(f"{source}: {where} {msg}{shown}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load_spec(repo: Path) -> Spec:
+    path = repo / SPEC_FILE
+    if not path.exists():
+        raise ConfigError(
+            f"no {SPEC_FILE} in {repo}: run `overnight init` there to write one"
+        )
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{SPEC_FILE} is not valid TOML: {e}") from None
+    return parse_spec(data)

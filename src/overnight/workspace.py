@@ -1,0 +1,185 @@
+"""A user's repository as overnight sees it: spec, ledger, preflight checks, `init`."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from overnight.errors import ConfigError
+from overnight.ledger import Ledger
+from overnight.snapshot import Repo
+from overnight.spec import SPEC_FILE, Spec, load_spec, parse_spec, tomllib
+
+STATE_DIR = ".overnight"
+TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass
+class Workspace:
+    repo: Repo
+    spec: Spec
+
+    @classmethod
+    def open(cls, path: Path) -> Workspace:
+        repo = Repo.open(path)
+        return cls(repo, load_spec(repo.root))
+
+    @property
+    def state(self) -> Path:
+        return self.repo.root / STATE_DIR
+
+    def ledger(self) -> Ledger:
+        return Ledger(self.state / "ledger.sqlite")
+
+    def preflight(self) -> None:
+        """Refuse to run on files that differ from what is committed."""
+        self.repo.head()
+        paths = self.spec.files.editable + self.spec.files.protected
+        dirty = self.repo.dirty(paths)
+        if dirty:
+            raise ConfigError(
+                f"uncommitted changes in {', '.join(dirty)}: overnight runs what is committed, "
+                "so commit (or stash) them first"
+            )
+        missing = sorted(set(self.spec.files.editable) - self.repo.tracked("HEAD", paths))
+        if missing:
+            raise ConfigError(
+                f"[files] editable names {', '.join(missing)}, which is not committed at HEAD: "
+                "fix the path in overnight.toml or commit the file"
+            )
+        self.repo.exclude(f"/{STATE_DIR}/")
+
+
+def check_tag(tag: str) -> str:
+    if not TAG_RE.match(tag):
+        raise ConfigError(
+            f"--tag {tag!r} is not a valid tag: use letters, digits, '.', '_' or '-' "
+            "(it becomes the branch overnight/<tag>)"
+        )
+    return tag
+
+
+def default_tag(ledger: Ledger) -> str:
+    """Resume the most recent tag; a first run is named after today's date, e.g. nov23."""
+    tags = ledger.tags()
+    if tags:
+        return tags[-1]
+    return dt.date.today().strftime("%b%d").lower()
+
+
+# -- init --------------------------------------------------------------------
+
+_PRINTED = re.compile(r"""print\(\s*f?["']\s*([A-Za-z_][\w]*)\s*[:=]""")
+_LOWER = ("loss", "bpb", "bpc", "error", "err", "perplexity", "ppl", "time", "seconds", "mse", "mae")
+_HIGHER = ("acc", "accuracy", "score", "reward", "f1", "auc", "bleu", "throughput", "tflops")
+
+
+def guess_metric(source: str) -> str | None:
+    names = _PRINTED.findall(source)
+    for preferred in ("val_bpb", "val_loss"):
+        if preferred in names:
+            return preferred
+    for name in names:
+        if name.startswith("val"):
+            return name
+    return None
+
+
+def guess_direction(metric: str) -> str | None:
+    low = metric.lower()
+    if any(w in low for w in _HIGHER):
+        return "higher"
+    if any(w in low for w in _LOWER):
+        return "lower"
+    return None
+
+
+def write_init(root: Path, command: str | None, metric: str | None, direction: str | None,
+               editable: list[str], protected: list[str], force: bool) -> tuple[Path, Spec]:
+    repo = Repo.open(root)
+    repo.head()
+    spec_path = repo.root / SPEC_FILE
+    if spec_path.exists() and not force:
+        raise ConfigError(f"{SPEC_FILE} already exists: edit it, or pass --force to overwrite it")
+    root = repo.root
+    if not editable:
+        if (root / "train.py").exists():
+            editable = ["train.py"]
+        else:
+            raise ConfigError("no train.py here: name the file(s) to edit with --editable FILE")
+    if not protected and (root / "prepare.py").exists() and "prepare.py" not in editable:
+        protected = ["prepare.py"]
+    for path in editable + protected:
+        if not (root / path).exists():
+            raise ConfigError(f"{path} does not exist in {root}")
+    dirty = repo.dirty(editable + protected)
+    if dirty:
+        raise ConfigError(f"uncommitted changes in {', '.join(dirty)}: commit them first")
+    if command is None:
+        runner = "uv run" if (root / "uv.lock").exists() else "python"
+        command = f"{runner} {editable[0]}"
+    if metric is None:
+        metric = guess_metric((root / editable[0]).read_text(errors="replace"))
+        if metric is None:
+            raise ConfigError(
+                f"could not tell which metric {editable[0]} prints: pass --metric NAME "
+                "(the script must print `NAME: <number>` or `METRIC NAME=<number>`)"
+            )
+    if direction is None:
+        direction = guess_direction(metric)
+        if direction is None:
+            raise ConfigError(f"is a lower or a higher {metric} better? pass --direction lower|higher")
+    text = render_spec(command, metric, direction, editable, protected)
+    spec = parse_spec(tomllib.loads(text))
+    spec_path.write_text(text)
+    repo.exclude(f"/{STATE_DIR}/")
+    return spec_path, spec
+
+
+def _toml_list(items: list[str]) -> str:
+    return "[" + ", ".join(f'"{i}"' for i in items) + "]"
+
+
+def render_spec(command: str, metric: str, direction: str, editable: list[str],
+                protected: list[str], budget: float = 300, timeout: float = 600,
+                strategy: str = "tpe", knobs: list[str] | None = None,
+                bounds: dict[str, tuple[float, float]] | None = None) -> str:
+    lines = [
+        "# overnight research spec: what to improve, how to run it, what may change.",
+        "[objective]",
+        f'metric = "{metric}"          # printed as `{metric}: <number>` or `METRIC {metric}=<n>`',
+        f'direction = "{direction}"',
+        "min_delta = 0.0              # improvement needed to keep a change",
+        "",
+        "[run]",
+        f"command = {_toml_str(command)}",
+        f"budget_seconds = {budget:g}          # given to the script as OVERNIGHT_BUDGET_SECONDS",
+        f"timeout_seconds = {timeout:g}        # hard kill of the whole process group",
+        "parallel = 1                 # slots; \"gpus\" for one slot per visible GPU",
+        "",
+        "[files]",
+        f"editable = {_toml_list(editable)}",
+        f"protected = {_toml_list(protected)}",
+        "",
+        "[proposer]",
+        'kind = "search"',
+        "",
+        "[search]",
+        f'strategy = "{strategy}"           # tpe | perturb | random | grid',
+    ]
+    if knobs:
+        lines.append(f"knobs = {_toml_list(knobs)}")
+    else:
+        lines.append("# knobs = [\"LEARNING_RATE\"]  # default: every numeric constant in editable files")
+    lines.append("[search.bounds]")
+    for name, (lo, hi) in (bounds or {}).items():
+        lines.append(f"{name} = [{lo!r}, {hi!r}]")
+    if not bounds:
+        lines.append("# LEARNING_RATE = [1e-5, 1.0]")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_str(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
