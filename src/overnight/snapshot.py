@@ -70,7 +70,7 @@ class Repo:
         if check and proc.returncode != 0:
             err = proc.stderr.decode(errors="replace").strip()
             raise GitError(f"git {' '.join(args[:3])} failed: {err}")
-        return proc.stdout.decode(errors="replace").strip()
+        return proc.stdout.decode(errors="replace").rstrip("\n")
 
     # -- reading ---------------------------------------------------------------
 
@@ -90,7 +90,7 @@ class Repo:
         return set(out.splitlines())
 
     def read_file(self, commit: str, path: str) -> str:
-        return self.git("cat-file", "blob", f"{commit}:{path}")
+        return self.read_files(commit, [path])[path]
 
     def read_files(self, commit: str, paths: list[str]) -> dict[str, str]:
         """Text of several files at a commit in one git call."""

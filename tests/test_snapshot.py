@@ -1,0 +1,79 @@
+"""Git plumbing: candidates never touch the user's working tree, index or HEAD."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from overnight.errors import ConfigError
+from overnight.snapshot import Repo
+
+ENV = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+       "GIT_COMMITTER_EMAIL": "t@t"}
+
+
+def git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=root, env=ENV, check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Repo:
+    root = tmp_path / "r"
+    (root / "sub").mkdir(parents=True)
+    (root / "train.py").write_text("LR = 0.1\n")
+    (root / "run.sh").write_text("#!/bin/sh\necho hi\n")
+    (root / "run.sh").chmod(0o755)
+    (root / "sub" / "data.txt").write_text("data\n")
+    git(root, "init", "-q", "-b", "main")
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "init")
+    return Repo.open(root)
+
+
+def test_candidate_commit_leaves_the_user_alone(repo: Repo, tmp_path: Path):
+    root = repo.root
+    (root / "train.py").write_text("LR = 0.5  # the user is editing\n")  # uncommitted
+    git(root, "add", "train.py")  # and staged
+    head, index = git(root, "rev-parse", "HEAD"), git(root, "ls-files", "-s")
+    sha = repo.commit_candidate(head, {"train.py": "LR = 0.2\n"}, "LR 0.1 -> 0.2")
+    assert git(root, "rev-parse", "HEAD") == head
+    assert git(root, "ls-files", "-s") == index
+    assert (root / "train.py").read_text() == "LR = 0.5  # the user is editing\n"
+    assert repo.read_file(sha, "train.py") == "LR = 0.2\n"
+    assert git(root, "rev-parse", f"{sha}^") == head
+    assert repo.diff(head, sha).count("\n+LR = 0.2") == 1
+    dest = tmp_path / "run"
+    repo.materialize(sha, dest)
+    assert (dest / "train.py").read_text() == "LR = 0.2\n"
+    assert (dest / "sub" / "data.txt").read_text() == "data\n"
+    assert os.access(dest / "run.sh", os.X_OK)  # modes survive
+
+
+def test_read_files_and_refs(repo: Repo):
+    head = repo.head()
+    assert repo.read_files(head, ["train.py", "sub/data.txt"]) == {
+        "train.py": "LR = 0.1\n", "sub/data.txt": "data\n"}
+    repo.set_ref("refs/overnight/t/1", head)
+    assert repo.refs("refs/overnight/t/") == {"refs/overnight/t/1": head}
+    repo.delete_ref("refs/overnight/t/1")
+    assert repo.ref("refs/overnight/t/1") is None
+
+
+def test_dirty_and_exclude(repo: Repo):
+    assert repo.dirty(["train.py"]) == []
+    (repo.root / "train.py").write_text("LR = 9\n")
+    (repo.root / "new.py").write_text("x = 1\n")
+    assert repo.dirty(["train.py", "new.py"]) == ["new.py", "train.py"]
+    repo.exclude("/.overnight/")
+    repo.exclude("/.overnight/")
+    exclude = (repo.root / ".git" / "info" / "exclude").read_text().splitlines()
+    assert exclude.count("/.overnight/") == 1
+
+
+def test_not_a_repository(tmp_path: Path):
+    with pytest.raises(ConfigError, match="not inside a git repository"):
+        Repo.open(tmp_path)
