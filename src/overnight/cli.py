@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from overnight import __version__
 from overnight.errors import ConfigError, OvernightError
@@ -54,7 +55,7 @@ def command(fn):  # noqa: ANN001, ANN201
         try:
             return fn(*args, **kwargs)
         except OvernightError as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
             raise typer.Exit(e.exit_code) from None
 
     return app.command()(guarded)
@@ -102,16 +103,15 @@ def run(
                                "included (a resumed run counts what is already done). "
                                "Default: until stopped.")] = None,
     parallel: Annotated[Optional[int], typer.Option(min=1, help="Slots running at once "
-                        "(overrides [run] parallel).")] = None,
+                        "(overrides parallel in overnight.toml).")] = None,
     tag: TagOpt = None,
     budget: Annotated[Optional[float], typer.Option(min=0.001, help="Seconds per experiment "
-                      "(overrides [run] budget_seconds).")] = None,
+                      "(overrides budget_seconds in overnight.toml).")] = None,
     repo: RepoOpt = Path("."),
 ) -> None:
     """Run the research loop: baseline first, then propose, run, judge, keep or revert.
 
-    Ctrl-C kills running experiments and records them; running the same command again
-    resumes the tag, redoing lost work and never counting anything twice.
+    Ctrl-C kills running experiments and records them; running the same command again resumes the tag, redoing lost work and never counting anything twice.
     """
     from overnight.runner import run_loop
     from overnight.workspace import Workspace

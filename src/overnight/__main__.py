@@ -1,0 +1,5 @@
+"""`python -m overnight`."""
+
+from overnight.cli import main
+
+main()
