@@ -1,0 +1,504 @@
+"""Search proposer: tune the knobs of the editable files with perturb, random, TPE or grid.
+
+Every proposal is a full knob configuration (all searched knobs), written into the files with
+`overnight.knobs.rewrite`. Values are rounded with `format_value` before use, so the knob
+values a proposal reports are exactly what its files say.
+
+Strategies ([search] strategy, seeded by [search] seed):
+
+- perturb: move 1 knob (70%) or 2 around the incumbent. Log ranges: multiply by
+  exp(N(0, ln 2)); linear float ranges: add N(0, (hi-lo)/4); ints: +-1 or 2 steps of
+  max(1, round(|v|/4)).
+- random: every knob uniform in its bounds (log-uniform on log ranges).
+- tpe: Optuna's TPE, its study rebuilt from the history on every call (see `build_study`).
+- grid: waves of a 3-level factorial design on two knobs at a time (cycling through the
+  knobs) around the incumbent: x0.5/x2 on log ranges, +-(hi-lo)/4 on linear ones, +-1 step
+  for ints; 8 points a wave (2 with a single knob). Stops when a full cycle of waves has
+  nothing new.
+
+State lives in the ledger: each call sees the whole history in its Context and never proposes
+a configuration already tried (any status, in flight included) or equal to the incumbent;
+after 50 draws without a new one it returns None. What is kept in memory (the grid's current
+wave, proposals not yet recorded in the history) only avoids repeats between records; a
+proposer rebuilt after a restart loses nothing the ledger holds.
+
+Default bounds, from the value a knob has at HEAD (override with `[search] bounds`):
+
+- positive float v: [v/10, v*10], log scale
+- zero or negative float v: [v-1, v+1], linear
+- int v > 0: [max(1, v//4), max(4v, v+4)]
+- int 0: [0, 4]
+- int v < 0: the mirror image of |v|: [-max(4|v|, |v|+4), -max(1, |v|//4)]
+
+Declared bounds for an int knob are narrowed to whole numbers. A float range is searched on a
+log scale when lo > 0; an int range when lo >= 1 and hi/lo >= 8 (batch sizes, widths), so
+small int ranges such as [1, 4] stay uniform. A HEAD value outside its bounds is fine for the
+baseline; proposals are always inside.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from itertools import product
+from typing import TYPE_CHECKING, Literal
+
+from overnight.errors import ConfigError
+from overnight.knobs import Knob, format_value, read_knobs, rewrite
+from overnight.proposers.base import Context, Experiment, Proposal, Proposer
+from overnight.spec import Spec
+
+if TYPE_CHECKING:
+    import optuna
+
+MAX_TRIES = 50  # draws per proposal before concluding nothing new is left
+COMPLETE_STATUSES = frozenset({"keep", "discard"})
+FAIL_STATUSES = frozenset({"crash", "timeout", "checks_failed"})
+IN_FLIGHT_STATUSES = frozenset({"queued", "running"})
+
+Config = dict[str, int | float]
+Key = tuple[int | float, ...]
+
+
+@dataclass(frozen=True)
+class KnobRange:
+    """Where one searched knob may go."""
+
+    name: str
+    kind: Literal["int", "float"]
+    lo: int | float
+    hi: int | float
+    log: bool
+
+    def contains(self, v: int | float) -> bool:
+        if self.kind == "int" and not float(v).is_integer():
+            return False
+        return self.lo <= v <= self.hi
+
+    def snap(self, x: float) -> int | float:
+        """x clipped into the range and rounded the way it will be written."""
+        if self.kind == "int":
+            return min(max(int(round(x)), int(self.lo)), int(self.hi))
+        x = min(max(float(x), float(self.lo)), float(self.hi))
+        # 4 significant digits, unless rounding would leave the range (bounds like 1.23456e-4).
+        for digits in (4, 6, 9, 17):
+            v = float(format_value(x, digits=digits))
+            if self.lo <= v <= self.hi:
+                return v
+        return x
+
+    def keep_inside(self, v: int | float) -> int | float:
+        """v itself when it is inside, else the nearest written value inside."""
+        return v if self.contains(v) else self.snap(v)
+
+
+def default_range(knob: Knob) -> KnobRange:
+    """Bounds derived from the HEAD value (see the module docstring)."""
+    v = knob.value
+    if knob.kind == "float":
+        if v > 0:
+            return _range(knob, v / 10, v * 10)
+        return _range(knob, v - 1, v + 1)
+    v = int(v)
+    if v > 0:
+        return _range(knob, max(1, v // 4), max(v * 4, v + 4))
+    if v == 0:
+        return _range(knob, 0, 4)
+    a = -v
+    return _range(knob, -max(a * 4, a + 4), -max(1, a // 4))
+
+
+def declared_range(knob: Knob, lo: float, hi: float) -> KnobRange:
+    """Bounds from `[search] bounds`; int knobs keep the whole numbers inside [lo, hi]."""
+    if knob.kind == "int":
+        ilo, ihi = math.ceil(lo), math.floor(hi)
+        if ilo > ihi:
+            raise ConfigError(
+                f"overnight.toml: [search] bounds.{knob.name} = [{lo:g}, {hi:g}] holds no "
+                f"whole number, but {knob.name} is an int knob"
+            )
+        return _range(knob, ilo, ihi)
+    return _range(knob, float(lo), float(hi))
+
+
+def _range(knob: Knob, lo: int | float, hi: int | float) -> KnobRange:
+    if knob.kind == "int":
+        log = lo >= 1 and hi / lo >= 8
+    else:
+        log = lo > 0
+    return KnobRange(name=knob.name, kind=knob.kind, lo=lo, hi=hi, log=log)
+
+
+class SearchProposer(Proposer):
+    """Proposes knob configurations; `files` is the editable files' text at HEAD."""
+
+    name = "search"
+
+    def __init__(self, spec: Spec, files: dict[str, str]) -> None:
+        self.strategy = spec.search.strategy
+        self.metric = spec.objective.metric
+        head = read_knobs(_python_files(files))
+        self.names = _searched_names(spec.search.knobs, head, files)
+        self.ranges = _ranges(self.names, head, spec.search.bounds)
+        self._rng = random.Random(spec.search.seed)  # seed None: fresh entropy
+        self._pending: set[Key] = set()  # proposed here, not yet seen in ctx.history
+        self._wave: list[Config] = []  # grid: partial configs still to try
+        self._waves = 0
+        self._next_axis = 0
+        self.study: optuna.Study | None = None  # tpe: the study behind the last proposal
+        if self.strategy == "tpe":
+            import optuna
+
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    def propose(self, ctx: Context) -> Proposal | None:
+        current = read_knobs(_python_files(ctx.files))
+        center = self._incumbent_values(ctx, current)
+        seen = self._seen(ctx, center, current)
+        strategies: dict[str, Callable[[Context, Config, set[Key]], tuple[Config, str] | None]]
+        strategies = {
+            "perturb": self._perturb,
+            "random": self._random,
+            "tpe": self._tpe,
+            "grid": self._grid,
+        }
+        found = strategies[self.strategy](ctx, center, seen)
+        if found is None:
+            return None
+        config, hypothesis = found
+        self._pending.add(self._key(config))
+        return self._proposal(ctx, current, config, hypothesis)
+
+    # --- strategies: each returns (config, hypothesis) or None -------------------------------
+
+    def _perturb(self, ctx: Context, center: Config, seen: set[Key]) -> tuple[Config, str] | None:
+        """Local moves of one knob (70%) or two around the incumbent."""
+        base = self._inside(center)
+
+        def draw() -> tuple[Config, str]:
+            count = 1 if len(self.names) == 1 or self._rng.random() < 0.7 else 2
+            config = dict(base)
+            moved = []
+            for name in self._rng.sample(self.names, count):
+                r = self.ranges[name]
+                config[name] = r.snap(self._move(r, base[name]))
+                if config[name] != base[name]:
+                    word = "larger" if config[name] > base[name] else "smaller"
+                    moved.append(f"{word} {name}")
+            if not moved:  # only possible when the incumbent sat outside its bounds
+                return config, "perturb: the incumbent pulled inside its bounds"
+            return config, f"perturb: {' and '.join(moved)} may {self._goal(ctx)}"
+
+        return self._first_new(draw, seen)
+
+    def _random(self, ctx: Context, center: Config, seen: set[Key]) -> tuple[Config, str] | None:
+        """Every knob drawn afresh, uniform (log-uniform on log ranges) within bounds."""
+
+        def draw() -> tuple[Config, str]:
+            config = {n: self.ranges[n].snap(self._uniform(self.ranges[n])) for n in self.names}
+            return config, f"random sample #{len(ctx.history) + 1}: a fresh point in the space"
+
+        return self._first_new(draw, seen)
+
+    def _tpe(self, ctx: Context, center: Config, seen: set[Key]) -> tuple[Config, str] | None:
+        """Optuna TPE over a study rebuilt from ctx.history on every call."""
+        study = self.build_study(ctx)
+        self.study = study
+        number = len(study.trials) + 1
+        distributions = self._distributions()
+        for _ in range(MAX_TRIES):
+            trial = study.ask(distributions)
+            config = {n: self.ranges[n].snap(trial.params[n]) for n in self.names}
+            if self._key(config) not in seen:
+                return config, f"tpe sample #{number}: where TPE expects to {self._goal(ctx)}"
+            # A duplicate stays RUNNING: the constant liar then steers the next ask away.
+        return None
+
+    def _grid(self, ctx: Context, center: Config, seen: set[Key]) -> tuple[Config, str] | None:
+        """Waves of a 3-level factorial design on up to two knobs around the incumbent."""
+        base = self._inside(center)
+        # Each wave varies different knobs; a full cycle with nothing new means we are done.
+        waves_left = math.ceil(len(self.names) / 2) + 1
+        while True:
+            if not self._wave:
+                if waves_left == 0:
+                    return None
+                waves_left -= 1
+                self._wave = self._build_wave(base)
+                continue
+            # A wave holds only its own knobs, so it follows an incumbent that moved meanwhile.
+            partial = self._wave.pop(0)
+            config = {**base, **partial}
+            if self._key(config) not in seen:
+                varied = " and ".join(partial)
+                return config, f"grid wave #{self._waves}: vary {varied} around the incumbent"
+
+    # --- tpe -------------------------------------------------------------------------------
+
+    def build_study(self, ctx: Context) -> optuna.Study:
+        """A fresh in-memory study holding every finished and in-flight experiment of ctx.
+
+        Rebuilding on each call keeps the study a pure function of the ledger: a proposer
+        started after a restart sees exactly the trials the old one saw. In-flight
+        experiments (and proposals not yet recorded) go in as RUNNING trials, which the
+        constant-liar TPE treats as bad results, so parallel proposals spread out.
+        """
+        import optuna
+        from optuna.trial import TrialState, create_trial
+
+        sampler = optuna.samplers.TPESampler(
+            seed=self._rng.getrandbits(32),
+            n_startup_trials=min(10, 2 * len(self.names) + 2),
+            constant_liar=True,
+            multivariate=True,
+        )
+        direction = "minimize" if ctx.direction == "lower" else "maximize"
+        study = optuna.create_study(direction=direction, sampler=sampler)
+        distributions = self._distributions()
+        for params, state, value in self._history_trials(ctx):
+            trial = create_trial(
+                state=state, value=value, params=params, distributions=distributions
+            )
+            study.add_trial(trial)
+        for key in self._pending:
+            params = dict(zip(self.names, key, strict=True))
+            trial = create_trial(
+                state=TrialState.RUNNING, params=params, distributions=distributions
+            )
+            study.add_trial(trial)
+        return study
+
+    def _history_trials(
+        self, ctx: Context
+    ) -> list[tuple[Config, optuna.trial.TrialState, float | None]]:
+        from optuna.trial import TrialState
+
+        in_flight_ids = {e.id for e in ctx.in_flight}
+        history_ids = {e.id for e in ctx.history}
+        experiments = [*ctx.history, *(e for e in ctx.in_flight if e.id not in history_ids)]
+        trials: list[tuple[Config, TrialState, float | None]] = []
+        for e in experiments:
+            params = self._params(e)
+            if params is None:
+                continue  # missing knobs or outside the search space
+            if e.status in IN_FLIGHT_STATUSES or e.id in in_flight_ids:
+                trials.append((params, TrialState.RUNNING, None))
+            elif e.status in COMPLETE_STATUSES and _finite(e.metric):
+                trials.append((params, TrialState.COMPLETE, e.metric))
+            elif e.status in FAIL_STATUSES:
+                trials.append((params, TrialState.FAIL, None))
+            # lost, rejected, tampered: nothing was measured that we can trust
+        return trials
+
+    def _params(self, e: Experiment) -> Config | None:
+        """The experiment's knob values as trial params, or None if it does not fit."""
+        params: Config = {}
+        for name in self.names:
+            v = e.knobs.get(name)
+            r = self.ranges[name]
+            if v is None or isinstance(v, bool) or not r.contains(v):
+                return None
+            params[name] = int(v) if r.kind == "int" else float(v)
+        return params
+
+    def _distributions(self) -> dict[str, optuna.distributions.BaseDistribution]:
+        from optuna.distributions import FloatDistribution, IntDistribution
+
+        out: dict[str, optuna.distributions.BaseDistribution] = {}
+        for name, r in self.ranges.items():
+            if r.kind == "int":
+                out[name] = IntDistribution(int(r.lo), int(r.hi), log=r.log)
+            else:
+                out[name] = FloatDistribution(float(r.lo), float(r.hi), log=r.log)
+        return out
+
+    # --- grid ------------------------------------------------------------------------------
+
+    def _build_wave(self, base: Config) -> list[Config]:
+        """Full factorial of {lower, center, upper} on the next one or two knobs, minus the
+        center point: 8 points for two knobs, 2 for one. Levels collapsed by bounds dedupe."""
+        n = len(self.names)
+        axes = [self.names[(self._next_axis + i) % n] for i in range(min(2, n))]
+        self._next_axis = (self._next_axis + len(axes)) % n
+        self._waves += 1
+        levels = [self._levels(self.ranges[a], base[a]) for a in axes]
+        center = tuple(base[a] for a in axes)
+        points: list[Config] = []
+        done: set[Key] = {center}
+        for combo in product(*levels):
+            if combo not in done:
+                done.add(combo)
+                points.append(dict(zip(axes, combo, strict=True)))
+        return points
+
+    def _levels(self, r: KnobRange, v: int | float) -> list[int | float]:
+        if r.kind == "int":
+            step = _int_step(v)
+            lower, upper = v - step, v + step
+        elif r.log:
+            lower, upper = v * 0.5, v * 2
+        else:
+            lower, upper = v - 0.25 * (r.hi - r.lo), v + 0.25 * (r.hi - r.lo)
+        return [r.snap(lower), v, r.snap(upper)]
+
+    # --- shared helpers --------------------------------------------------------------------
+
+    def _first_new(
+        self, draw: Callable[[], tuple[Config, str]], seen: set[Key]
+    ) -> tuple[Config, str] | None:
+        for _ in range(MAX_TRIES):
+            config, hypothesis = draw()
+            if self._key(config) not in seen:
+                return config, hypothesis
+        return None
+
+    def _move(self, r: KnobRange, v: int | float) -> float:
+        if r.kind == "int":
+            k = self._rng.choice((1, 2)) * self._rng.choice((-1, 1))
+            return v + k * _int_step(v)
+        # Scale-free moves on a log range; on a linear one a value near 0 could never cross it.
+        if r.log:
+            return v * math.exp(self._rng.gauss(0.0, math.log(2)))
+        return v + self._rng.gauss(0.0, 0.25 * (r.hi - r.lo))
+
+    def _uniform(self, r: KnobRange) -> float:
+        if r.kind == "int":
+            if r.log:
+                # Discrete log-uniform: P(k) ~ log((k+1)/k).
+                x = math.exp(self._rng.uniform(math.log(r.lo), math.log(r.hi + 1)))
+                return min(math.floor(x), r.hi)
+            return self._rng.randint(int(r.lo), int(r.hi))
+        if r.log:
+            return math.exp(self._rng.uniform(math.log(r.lo), math.log(r.hi)))
+        return self._rng.uniform(r.lo, r.hi)
+
+    def _inside(self, center: Config) -> Config:
+        """The incumbent, with any value outside its bounds (HEAD may be) pulled inside."""
+        return {n: self.ranges[n].keep_inside(center[n]) for n in self.names}
+
+    def _goal(self, ctx: Context) -> str:
+        return f"{'lower' if ctx.direction == 'lower' else 'raise'} {self.metric}"
+
+    def _key(self, config: Config) -> Key:
+        """A full configuration as a hashable tuple, in the order of self.names."""
+        return tuple(config[n] for n in self.names)
+
+    def _recorded_key(self, values: Mapping[str, int | float]) -> Key | None:
+        """Like _key for a recorded experiment's knobs; None when some are missing."""
+        if any(values.get(n) is None or isinstance(values[n], bool) for n in self.names):
+            return None
+        return tuple(values[n] for n in self.names)
+
+    def _incumbent_values(self, ctx: Context, current: dict[str, Knob]) -> Config:
+        values: Config = {}
+        for name in self.names:
+            v = ctx.incumbent.knobs.get(name)
+            if v is None and name in current:
+                v = current[name].value
+            if v is None:
+                raise ConfigError(
+                    f"knob {name} is not in the incumbent's files any more "
+                    f"(commit {ctx.incumbent.commit[:12]}): restore it or drop it from "
+                    f"[search] knobs"
+                )
+            # A ledger may hand back 32.0 for an int knob; ints must stay ints.
+            int_kind = self.ranges[name].kind == "int" and float(v).is_integer()
+            values[name] = int(v) if int_kind else v
+        return values
+
+    def _seen(self, ctx: Context, center: Config, current: dict[str, Knob]) -> set[Key]:
+        """Configurations not to propose: history (any status), the incumbent, pending ones."""
+        recorded = {self._recorded_key(e.knobs) for e in [*ctx.history, *ctx.in_flight]}
+        seen = {k for k in recorded if k is not None}
+        self._pending -= seen  # recorded now: the ledger remembers them for us
+        seen |= self._pending
+        seen.add(self._key(center))
+        on_disk = self._recorded_key({n: k.value for n, k in current.items()})
+        if on_disk is not None:
+            seen.add(on_disk)
+        return seen
+
+    def _proposal(
+        self, ctx: Context, current: dict[str, Knob], config: Config, hypothesis: str
+    ) -> Proposal:
+        changes: dict[str, dict[str, int | float]] = {}
+        described = []
+        for name in self.names:
+            knob = current.get(name)
+            if knob is None:
+                raise ConfigError(f"knob {name} is not in the incumbent's files any more")
+            if knob.value != config[name]:
+                changes.setdefault(knob.path, {})[name] = config[name]
+                described.append(f"{name} {_show(knob.value)} -> {_show(config[name])}")
+        edits = {path: rewrite(ctx.files[path], vals) for path, vals in changes.items()}
+        edits = {path: text for path, text in edits.items() if text != ctx.files[path]}
+        return Proposal(
+            parent=ctx.incumbent.commit,
+            edits=edits,
+            description=", ".join(described),
+            hypothesis=hypothesis,
+            knobs=dict(config),
+        )
+
+
+# --- module helpers ------------------------------------------------------------------------
+
+
+def _python_files(files: dict[str, str]) -> dict[str, str]:
+    """Knobs live in Python files; other editable files (prompts, configs) have none."""
+    return {p: t for p, t in files.items() if p.endswith(".py")}
+
+
+def _searched_names(
+    wanted: list[str] | None, head: dict[str, Knob], files: dict[str, str]
+) -> list[str]:
+    available = sorted(head)
+    if not available:
+        where = ", ".join(sorted(files)) or "no files"
+        raise ConfigError(
+            f"no knobs found in the editable files ({where}): the search proposer tunes "
+            f"top-level constants such as `LEARNING_RATE = 3e-4`"
+        )
+    if wanted is None:
+        return list(head)  # source order: the order the user reads them in
+    names = list(dict.fromkeys(wanted))  # dedupe, keep the user's order
+    unknown = [n for n in names if n not in head]
+    if unknown:
+        raise ConfigError(
+            f"overnight.toml: [search] knobs names {', '.join(unknown)}, which is not a knob "
+            f"of the editable files; available knobs: {', '.join(available)}"
+        )
+    return names
+
+
+def _ranges(
+    names: list[str], head: dict[str, Knob], bounds: dict[str, tuple[float, float]]
+) -> dict[str, KnobRange]:
+    stray = sorted(set(bounds) - set(names))
+    if stray:
+        raise ConfigError(
+            f"overnight.toml: [search] bounds names {', '.join(stray)}, which is not a "
+            f"searched knob; searched knobs: {', '.join(names)}"
+        )
+    ranges = {}
+    for name in names:
+        if name in bounds:
+            ranges[name] = declared_range(head[name], *bounds[name])
+        else:
+            ranges[name] = default_range(head[name])
+    return ranges
+
+
+def _int_step(v: int | float) -> int:
+    return max(1, round(0.25 * abs(v)))
+
+
+def _show(v: int | float) -> str:
+    return format_value(v, digits=17)  # exact: the proposal already rounded its values
+
+
+def _finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)
+
