@@ -7,7 +7,7 @@ import signal
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -24,13 +24,14 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
 )
 console = Console(soft_wrap=True)  # long lines stay whole in logs
 err_console = Console(stderr=True, soft_wrap=True)
 
 RepoOpt = Annotated[Path, typer.Option("--repo", "-C", help="Repository to work in.",
                                        show_default=False)]
-TagOpt = Annotated[Optional[str], typer.Option("--tag", "-t",
+TagOpt = Annotated[str | None, typer.Option("--tag", "-t",
                    help="Loop tag (branch overnight/<tag>). Default: the most recent tag.")]
 
 
@@ -73,14 +74,14 @@ class Format(str, Enum):
 
 @command
 def init(
-    command: Annotated[Optional[str], typer.Option(help="How to run one experiment. "
+    command: Annotated[str | None, typer.Option(help="How to run one experiment. "
                        "Default: `python train.py` (`uv run train.py` with a uv.lock).")] = None,
-    metric: Annotated[Optional[str], typer.Option(help="Metric the script prints. "
-                      "Default: guessed from its print statements (val_bpb, val_loss, ...).")] = None,
-    direction: Annotated[Optional[Direction], typer.Option(help="Is lower or higher better?")] = None,
-    editable: Annotated[Optional[list[str]], typer.Option(help="File the proposer may edit "
+    metric: Annotated[str | None, typer.Option(help="Metric the script prints. "
+                      "Default: guessed from its print statements.")] = None,
+    direction: Annotated[Direction | None, typer.Option(help="Is lower or higher better?")] = None,
+    editable: Annotated[list[str] | None, typer.Option(help="File the proposer may edit "
                         "(repeatable). Default: train.py.")] = None,
-    protected: Annotated[Optional[list[str]], typer.Option(help="File nobody may edit "
+    protected: Annotated[list[str] | None, typer.Option(help="File nobody may edit "
                          "(repeatable). Default: prepare.py if present.")] = None,
     force: Annotated[bool, typer.Option(help="Overwrite an existing overnight.toml.")] = False,
     repo: RepoOpt = Path("."),
@@ -92,26 +93,28 @@ def init(
                             editable or [], protected or [], force)
     console.print(f"wrote {path}: {spec.objective.direction} {spec.objective.metric} is better; "
                   f"runs `{spec.run.command}`; edits {', '.join(spec.files.editable)}"
-                  + (f"; protects {', '.join(spec.files.protected)}" if spec.files.protected else ""))
+                  + (f"; protects {', '.join(spec.files.protected)}"
+                     if spec.files.protected else ""))
     console.print("next: review it, `git add overnight.toml && git commit`, then `overnight run`")
 
 
 @command
 def run(
-    max_experiments: Annotated[Optional[int], typer.Option("--max-experiments", "-n", min=1,
+    max_experiments: Annotated[int | None, typer.Option("--max-experiments", "-n", min=1,
                                help="Stop after this many experiments for the tag, baseline "
                                "included (a resumed run counts what is already done). "
                                "Default: until stopped.")] = None,
-    parallel: Annotated[Optional[int], typer.Option(min=1, help="Slots running at once "
+    parallel: Annotated[int | None, typer.Option(min=1, help="Slots running at once "
                         "(overrides parallel in overnight.toml).")] = None,
     tag: TagOpt = None,
-    budget: Annotated[Optional[float], typer.Option(min=0.001, help="Seconds per experiment "
+    budget: Annotated[float | None, typer.Option(min=0.001, help="Seconds per experiment "
                       "(overrides budget_seconds in overnight.toml).")] = None,
     repo: RepoOpt = Path("."),
 ) -> None:
     """Run the research loop: baseline first, then propose, run, judge, keep or revert.
 
-    Ctrl-C kills running experiments and records them; running the same command again resumes the tag, redoing lost work and never counting anything twice.
+    Ctrl-C kills running experiments and records them; running the same command
+    again resumes the tag, redoing lost work and never counting anything twice.
     """
     from overnight.runner import run_loop
     from overnight.workspace import Workspace
@@ -157,7 +160,7 @@ def status(tag: TagOpt = None, repo: RepoOpt = Path(".")) -> None:
 def export(
     format: Annotated[Format, typer.Option("--format", "-f", help="tsv: the autoresearch "
                       "results.tsv columns; jsonl: every field.")] = Format.tsv,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o",
+    output: Annotated[Path | None, typer.Option("--output", "-o",
                       help="Write here instead of standard output.")] = None,
     tag: TagOpt = None,
     repo: RepoOpt = Path("."),
@@ -172,7 +175,10 @@ def export(
         rows = ledger.experiments(tag or default_tag(ledger))
     finally:
         ledger.close()
-    text = export_tsv(rows, ws.spec.objective.metric) if format == Format.tsv else export_jsonl(rows)
+    if format == Format.tsv:
+        text = export_tsv(rows, ws.spec.objective.metric)
+    else:
+        text = export_jsonl(rows)
     if output:
         output.write_text(text)
         err_console.print(f"wrote {len(rows)} experiments to {output}")

@@ -40,7 +40,8 @@ def create(dest: Path) -> bool:
             shutil.copy2(src / name, dest / name)
     # The example's spec runs `python train.py`; the demo pins the interpreter that has torch.
     spec = (src / SPEC_FILE).read_text().replace(
-        'command = "python train.py"', f'command = "{_quoted(shlex.quote(sys.executable))} train.py"'
+        'command = "python train.py"',
+        f'command = "{_quoted(shlex.quote(sys.executable))} train.py"',
     )
     (dest / SPEC_FILE).write_text(spec)
     env = {"GIT_AUTHOR_NAME": "overnight demo", "GIT_AUTHOR_EMAIL": "demo@localhost",

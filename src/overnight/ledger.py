@@ -160,7 +160,8 @@ class Ledger:
             f"UPDATE experiments SET {sets} WHERE id = ?", (*values.values(), experiment_id)
         )
 
-    def event(self, tag: str, kind: str, message: str = "", experiment_id: int | None = None) -> None:
+    def event(self, tag: str, kind: str, message: str = "",
+              experiment_id: int | None = None) -> None:
         self.db.execute(
             "INSERT INTO events (tag, ts, kind, experiment_id, message) VALUES (?, ?, ?, ?, ?)",
             (tag, time.time(), kind, experiment_id, message),
@@ -184,7 +185,8 @@ class Ledger:
         r = self.db.execute("SELECT * FROM experiments WHERE id = ?", (experiment_id,)).fetchone()
         return _to_row(r) if r else None
 
-    def experiments(self, tag: str | None = None, statuses: tuple[str, ...] | None = None) -> list[Row]:
+    def experiments(self, tag: str | None = None,
+                    statuses: tuple[str, ...] | None = None) -> list[Row]:
         sql, args = "SELECT * FROM experiments WHERE 1=1", []
         if tag is not None:
             sql += " AND tag = ?"
@@ -195,7 +197,8 @@ class Ledger:
         return [_to_row(r) for r in self.db.execute(sql + " ORDER BY id", args)]
 
     def tags(self) -> list[str]:
-        rows = self.db.execute("SELECT tag, MAX(id) AS last FROM experiments GROUP BY tag ORDER BY last")
+        rows = self.db.execute(
+            "SELECT tag, MAX(id) AS last FROM experiments GROUP BY tag ORDER BY last")
         return [r["tag"] for r in rows]
 
     def events(self, tag: str) -> list[dict]:

@@ -1,4 +1,7 @@
-"""Reading metrics from an experiment's own output. Never guesses: absent or non-finite is no value."""
+"""Reading metrics from an experiment's own output.
+
+Never guesses: an absent or non-finite value is no value.
+"""
 
 from __future__ import annotations
 

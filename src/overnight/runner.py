@@ -42,6 +42,9 @@ def run_loop(ws: Workspace, console: Console, tag: str | None = None,
         try:
             with reporter:
                 return loop.run()
+        except BaseException:
+            executor.cancel_all()  # an unexpected failure must not leave experiments running
+            raise
         finally:
             executor.shutdown()
     finally:

@@ -127,6 +127,9 @@ class Loop:
         if newly_lost:
             self.report.note(f"resuming: {len(newly_lost)} experiment(s) left running by a "
                              "stopped run are marked lost and will be redone")
+            killed = self.executor.reap([Path(r.run_dir) for r in newly_lost if r.run_dir])
+            if killed:
+                self.report.note(f"killed {killed} orphaned process(es) of those experiments")
         rows = self.ledger.experiments(self.tag)
         redo = []
         if not any(r.status == "keep" for r in rows):
@@ -266,7 +269,8 @@ class Loop:
                 return f"cannot read knobs: {e}"
             for name, (lo, hi) in bounds.items():
                 k = knobs.get(name)
-                if k is not None and not lo <= k.value <= hi and k.value != ctx.incumbent.knobs.get(name):
+                unchanged = k is not None and k.value == ctx.incumbent.knobs.get(name)
+                if k is not None and not lo <= k.value <= hi and not unchanged:
                     return f"{name} = {k.value:g} is outside its bounds [{lo:g}, {hi:g}]"
         return None
 

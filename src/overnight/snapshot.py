@@ -2,15 +2,13 @@
 
 Never touches the user's working tree, index or HEAD: candidates are built in a
 temporary index file and written with `commit-tree`; run directories are
-materialized from the commit's objects with `git archive`.
+checked out from the commit's objects through a temporary index too.
 """
 
 from __future__ import annotations
 
-import io
 import os
 import subprocess
-import tarfile
 import tempfile
 from pathlib import Path
 
@@ -172,16 +170,18 @@ class Repo:
                 f.write(pattern + "\n")
 
     def materialize(self, commit: str, dest: Path) -> None:
-        """Write the commit's tree into `dest` (created), straight from git objects."""
-        proc = subprocess.run(
-            ["git", "archive", "--format=tar", commit], cwd=self.root,
-            capture_output=True, env=self._env, check=False,
-        )
-        if proc.returncode != 0:
-            raise GitError(f"git archive {commit[:10]} failed: {proc.stderr.decode().strip()}")
+        """Check the commit's tree out into `dest` (created), from a temporary index.
+
+        Not `git archive`: it drops `export-ignore` files and rewrites `export-subst` ones, so
+        the run would not see what was committed.
+        """
         dest.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(fileobj=io.BytesIO(proc.stdout)) as tar:
-            if hasattr(tarfile, "tar_filter"):
-                tar.extractall(dest, filter="tar")
-            else:  # pragma: no cover - Python < 3.11.4
-                tar.extractall(dest)
+        fd, index = tempfile.mkstemp(prefix="overnight-index-")
+        os.close(fd)
+        env = {"GIT_INDEX_FILE": index}
+        try:
+            self.git("read-tree", commit, env=env)
+            self.git("checkout-index", "--all", "--force", f"--prefix={dest.resolve()}/",
+                     env=env)
+        finally:
+            os.unlink(index)

@@ -72,7 +72,8 @@ def default_tag(ledger: Ledger) -> str:
 # -- init --------------------------------------------------------------------
 
 _PRINTED = re.compile(r"""print\(\s*f?["']\s*([A-Za-z_][\w]*)\s*[:=]""")
-_LOWER = ("loss", "bpb", "bpc", "error", "err", "perplexity", "ppl", "time", "seconds", "mse", "mae")
+_LOWER = ("loss", "bpb", "bpc", "error", "err", "perplexity", "ppl", "time", "seconds", "mse",
+          "mae")
 _HIGHER = ("acc", "accuracy", "score", "reward", "f1", "auc", "bleu", "throughput", "tflops")
 
 
@@ -130,7 +131,8 @@ def write_init(root: Path, command: str | None, metric: str | None, direction: s
     if direction is None:
         direction = guess_direction(metric)
         if direction is None:
-            raise ConfigError(f"is a lower or a higher {metric} better? pass --direction lower|higher")
+            raise ConfigError(
+                f"is a lower or a higher {metric} better? pass --direction lower|higher")
     text = render_spec(command, metric, direction, editable, protected)
     spec = parse_spec(tomllib.loads(text))
     spec_path.write_text(text)
@@ -172,7 +174,7 @@ def render_spec(command: str, metric: str, direction: str, editable: list[str],
     if knobs:
         lines.append(f"knobs = {_toml_list(knobs)}")
     else:
-        lines.append("# knobs = [\"LEARNING_RATE\"]  # default: every numeric constant in editable files")
+        lines.append('# knobs = ["LEARNING_RATE"]  # default: every numeric constant of the files')
     lines.append("[search.bounds]")
     for name, (lo, hi) in (bounds or {}).items():
         lines.append(f"{name} = [{lo!r}, {hi!r}]")

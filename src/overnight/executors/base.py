@@ -56,6 +56,10 @@ class Executor(ABC):
     def cancel_all(self) -> None:
         """Kill everything running; their futures resolve with status `lost`."""
 
+    def reap(self, run_dirs: list[Path]) -> int:
+        """Kill what a dead harness left running in these run directories; how many."""
+        return 0
+
     @abstractmethod
     def shutdown(self) -> None:
         """Release workers; called once the loop is done."""

@@ -3,6 +3,8 @@
 Each run gets its own directory materialized from the commit, its own session
 (so a timeout or Ctrl-C kills the whole tree, grandchildren included), a log
 file, a hard timeout (TERM, grace, KILL), and peak memory of the process tree.
+Every process of a run carries a token in its environment, so that even a
+daemon that double-forked into a new session is found and killed at the end.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import signal
 import subprocess
 import threading
 import time
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,6 +25,8 @@ from overnight.errors import ConfigError
 from overnight.executors.base import Executor, RunRequest, RunResult
 from overnight.metrics import Metrics, merge_json_file, parse_log
 from overnight.snapshot import Repo
+
+RUN_TOKEN_ENV = "OVERNIGHT_RUN_TOKEN"  # marks every process of one run, wherever it went
 
 
 def visible_gpus() -> list[str]:
@@ -115,13 +120,35 @@ class LocalExecutor(Executor):
         for proc in live:
             _signal_group(proc.pid, signal.SIGTERM)
 
+    def reap(self, run_dirs: list[Path]) -> int:
+        """Orphans of a killed `overnight run` still hold their GPU: find them by the run
+        directory in their environment and kill them before the work is redone."""
+        wanted = {str(d) for d in run_dirs}
+        if not wanted:
+            return 0
+        orphans = []
+        for p in psutil.process_iter():
+            try:
+                if p.environ().get("OVERNIGHT_RUN_DIR") in wanted:
+                    orphans.append(p)
+            except (psutil.Error, OSError):
+                continue
+        for p in orphans:
+            try:
+                p.kill()
+            except psutil.Error:
+                continue
+        psutil.wait_procs(orphans, timeout=5)
+        return len(orphans)
+
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True)
 
     # -- one run -------------------------------------------------------------
 
-    def _env(self, req: RunRequest) -> dict[str, str]:
+    def _env(self, req: RunRequest, token: str) -> dict[str, str]:
         env = {**os.environ, **req.env}
+        env[RUN_TOKEN_ENV] = token
         env["OVERNIGHT_BUDGET_SECONDS"] = f"{req.budget_seconds:g}"
         env["OVERNIGHT_EXPERIMENT_ID"] = str(req.experiment_id)
         env["OVERNIGHT_RUN_DIR"] = str(req.run_dir)
@@ -140,17 +167,18 @@ class LocalExecutor(Executor):
         if req.run_dir.exists():  # a retry of a lost run starts from a fresh directory
             shutil.rmtree(req.run_dir)
         self.repo.materialize(req.commit, req.workdir)
+        token = f"{os.getpid()}-{req.experiment_id}-{uuid.uuid4().hex}"
         with open(req.log_path, "wb") as log:
             started = time.time()
             proc = subprocess.Popen(
-                ["/bin/sh", "-c", req.command], cwd=req.workdir, env=self._env(req),
+                ["/bin/sh", "-c", req.command], cwd=req.workdir, env=self._env(req, token),
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: we can kill the whole tree
             )
             with self._lock:
                 self._live[req.experiment_id] = proc
             try:
-                timed_out, peak = self._wait(proc, started + req.timeout_seconds,
+                timed_out, peak = self._wait(proc, token, started + req.timeout_seconds,
                                              req.kill_grace_seconds)
             finally:
                 with self._lock:
@@ -158,19 +186,20 @@ class LocalExecutor(Executor):
         exited = time.time()
         return self._result(req, proc.returncode, timed_out, peak, started, exited, hardware)
 
-    def _wait(self, proc: subprocess.Popen, deadline: float, grace: float) -> tuple[bool, float]:
-        """Wait for exit, sampling memory; on the deadline kill the group. (timed_out, peak MB)."""
-        watcher = _TreeWatcher(proc.pid)
+    def _wait(self, proc: subprocess.Popen, token: str, deadline: float,
+              grace: float) -> tuple[bool, float]:
+        """Wait for exit, sampling memory; on the deadline kill the run. (timed_out, peak MB)."""
+        watcher = _TreeWatcher(proc.pid, token)
         interval = 0.02  # sample early runs often, then back off to the steady interval
         timed_out = False
         while True:
             if self._cancelled.is_set():
-                _kill_group(proc, grace)
+                _stop(proc, watcher, grace)
                 break
             left = deadline - time.time()
             if left <= 0:
                 timed_out = True
-                _kill_group(proc, grace)
+                _stop(proc, watcher, grace)
                 break
             try:
                 proc.wait(timeout=min(interval, left))
@@ -181,7 +210,7 @@ class LocalExecutor(Executor):
         # Whatever the main process left behind in its group, or spawned into its own
         # session, dies with it: an experiment never outlives its run.
         _signal_group(proc.pid, signal.SIGKILL)
-        watcher.kill_leftovers()
+        watcher.signal_all(signal.SIGKILL)
         return timed_out, watcher.peak_mb
 
     def _result(self, req: RunRequest, rc: int | None, timed_out: bool, peak: float,
@@ -210,9 +239,11 @@ class LocalExecutor(Executor):
 
 
 class _TreeWatcher:
-    """Peak RSS of a process tree, and every descendant seen, to kill escapees at the end."""
+    """Peak RSS of a process tree, and every process of the run, to kill escapees at the end."""
 
-    def __init__(self, pid: int):
+    def __init__(self, pid: int, token: str):
+        self.pgid = pid  # the run's own session and group, led by /bin/sh
+        self.token = token
         self.peak_mb = 0.0
         self.seen: dict[int, psutil.Process] = {}
         try:
@@ -236,12 +267,35 @@ class _TreeWatcher:
                 continue
         self.peak_mb = max(self.peak_mb, total / 2**20)
 
-    def kill_leftovers(self) -> None:
-        for p in self.seen.values():
+    def alive(self) -> list[psutil.Process]:
+        """Live processes of the run: its group, descendants seen, and any process carrying
+        its token (a daemon that double-forked into a new session has left both)."""
+        found: dict[int, psutil.Process] = {}
+        for p in psutil.process_iter():
             try:
-                if p.is_running():  # psutil checks the pid was not reused
-                    p.kill()
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                if os.getpgid(p.pid) == self.pgid or p.environ().get(RUN_TOKEN_ENV) == self.token:
+                    found[p.pid] = p
+            except (psutil.Error, OSError):  # gone, a zombie, or not ours to read
+                continue
+        for p in self.seen.values():
+            found.setdefault(p.pid, p)
+        live = []
+        for p in found.values():
+            try:
+                # is_running() checks the pid was not reused; zombies are already dead.
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    live.append(p)
+            except psutil.Error:
+                continue
+        return live
+
+    def signal_all(self, sig: int, outside_group_only: bool = False) -> None:
+        for p in self.alive():
+            try:
+                if outside_group_only and os.getpgid(p.pid) == self.pgid:
+                    continue  # killpg reached it already: one TERM each, not two
+                p.send_signal(sig)
+            except (psutil.Error, OSError):
                 continue
 
 
@@ -252,11 +306,27 @@ def _signal_group(pid: int, sig: int) -> None:
         pass
 
 
-def _kill_group(proc: subprocess.Popen, grace: float) -> None:
-    """TERM the whole group, give it `grace` seconds, then KILL it."""
+def _stop(proc: subprocess.Popen, watcher: _TreeWatcher, grace: float) -> None:
+    """TERM every process of the run, give them `grace` seconds to exit, then KILL them.
+
+    The script itself is usually a child of /bin/sh, which dies on the TERM at once: the
+    grace lasts until the whole run has exited, not just its leader.
+    """
+    watcher.sample()  # remember the tree while its root is still there
     _signal_group(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        _signal_group(proc.pid, signal.SIGKILL)
-        proc.wait()
+    watcher.signal_all(signal.SIGTERM, outside_group_only=True)
+    end = time.monotonic() + grace
+    while time.monotonic() < end:
+        if proc.poll() is None:
+            try:
+                proc.wait(timeout=min(0.05, max(0.0, end - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                pass
+            continue
+        left = watcher.alive()
+        if not left:
+            return
+        psutil.wait_procs(left, timeout=min(0.05, max(0.0, end - time.monotonic())))
+    _signal_group(proc.pid, signal.SIGKILL)
+    watcher.signal_all(signal.SIGKILL)
+    proc.wait()
