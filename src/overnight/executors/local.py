@@ -243,6 +243,7 @@ class _TreeWatcher:
 
     def __init__(self, pid: int, token: str):
         self.pgid = pid  # the run's own session and group, led by /bin/sh
+        self.born = time.time()
         self.token = token
         self.peak_mb = 0.0
         self.seen: dict[int, psutil.Process] = {}
@@ -273,7 +274,12 @@ class _TreeWatcher:
         found: dict[int, psutil.Process] = {}
         for p in psutil.process_iter():
             try:
-                if os.getpgid(p.pid) == self.pgid or p.environ().get(RUN_TOKEN_ENV) == self.token:
+                if os.getpgid(p.pid) == self.pgid:
+                    found[p.pid] = p
+                # Only processes born during the run can be its escapees: reading the
+                # environment of every process on a busy GPU box would be slow.
+                elif (p.create_time() >= self.born - 1
+                      and p.environ().get(RUN_TOKEN_ENV) == self.token):
                     found[p.pid] = p
             except (psutil.Error, OSError):  # gone, a zombie, or not ours to read
                 continue
