@@ -196,6 +196,21 @@ class Ledger:
             args.extend(statuses)
         return [_to_row(r) for r in self.db.execute(sql + " ORDER BY id", args)]
 
+    def last(self, tag: str, status: str) -> Row | None:
+        r = self.db.execute(
+            "SELECT * FROM experiments WHERE tag = ? AND status = ? ORDER BY id DESC LIMIT 1",
+            (tag, status),
+        ).fetchone()
+        return _to_row(r) if r else None
+
+    def count(self, tag: str, exclude: tuple[str, ...] = ()) -> int:
+        marks = ", ".join("?" for _ in exclude) or "''"
+        r = self.db.execute(
+            f"SELECT COUNT(*) FROM experiments WHERE tag = ? AND status NOT IN ({marks})",
+            (tag, *exclude),
+        ).fetchone()
+        return int(r[0])
+
     def tags(self) -> list[str]:
         rows = self.db.execute(
             "SELECT tag, MAX(id) AS last FROM experiments GROUP BY tag ORDER BY last")

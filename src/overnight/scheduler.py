@@ -356,8 +356,7 @@ class Loop:
     # -- reading the state -------------------------------------------------------------
 
     def _incumbent(self) -> Row | None:
-        keeps = self.ledger.experiments(self.tag, statuses=("keep",))
-        return keeps[-1] if keeps else None  # each keep beats the one before
+        return self.ledger.last(self.tag, "keep")  # each keep beats the one before
 
     def _baseline(self) -> Row | None:
         rows = [r for r in self.ledger.experiments(self.tag) if r.is_baseline]
@@ -367,14 +366,12 @@ class Loop:
         return self._incumbent() is None
 
     def _counted(self) -> int:
-        return sum(1 for r in self.ledger.experiments(self.tag) if r.status != "lost"
-                   and r.status not in ("queued", "running"))
+        return self.ledger.count(self.tag, exclude=("lost", "queued", "running"))
 
     def _reached_max(self) -> bool:
         if self.max is None:
             return False
-        active = sum(1 for r in self._pending.values())
-        return self._counted() + active >= self.max
+        return self._counted() + len(self._pending) >= self.max
 
     def _files(self, commit: str) -> dict[str, str]:
         if commit not in self._files_cache:
