@@ -17,6 +17,7 @@ import libcst as cst
 from libcst.metadata import MetadataWrapper, PositionProvider
 
 from overnight.errors import ConfigError
+from overnight.regions import RegionError, protected_lines
 
 NAME_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
 
@@ -31,14 +32,20 @@ class Knob:
 
 
 def list_knobs(source: str, path: str) -> list[Knob]:
-    """Every knob of one file, in source order."""
+    """Every knob of one file, in source order. Constants in protected regions are not knobs."""
     module = _parse(source, path)
     wrapper = MetadataWrapper(module, unsafe_skip_copy=True)
     positions = wrapper.resolve(PositionProvider)
+    try:
+        fixed = protected_lines(source)
+    except RegionError as e:
+        raise ConfigError(f"{path}: {e}") from None
     knobs = []
     for stmt, name, value_node in _knob_statements(module):
         value, kind = _literal_value(value_node)
         line = positions[stmt].start.line
+        if line in fixed:
+            continue
         knobs.append(Knob(name=name, value=value, kind=kind, path=path, line=line))
     return knobs
 

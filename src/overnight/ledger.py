@@ -42,6 +42,8 @@ CREATE TABLE IF NOT EXISTS experiments (
     run_dir       TEXT NOT NULL DEFAULT '',
     retry_of      INTEGER,
     kept_commit   TEXT,
+    runtime_knobs TEXT NOT NULL DEFAULT '{}',
+    integrity     TEXT NOT NULL DEFAULT '{}',
     created_at    REAL NOT NULL,
     started_at    REAL,
     finished_at   REAL
@@ -83,6 +85,8 @@ class Row:
     run_dir: str
     retry_of: int | None
     kept_commit: str | None
+    runtime_knobs: dict[str, object]  # knob values the attestation saw at exit: what really ran
+    integrity: dict  # the tamper report of the run
     created_at: float
     started_at: float | None
     finished_at: float | None
@@ -111,7 +115,12 @@ class Row:
         return d
 
 
-_JSON_COLUMNS = ("knobs", "metrics")
+_JSON_COLUMNS = ("knobs", "metrics", "runtime_knobs", "integrity")
+# Columns added after the first release, with their definitions, for older ledgers.
+_ADDED_COLUMNS = {
+    "runtime_knobs": "TEXT NOT NULL DEFAULT '{}'",
+    "integrity": "TEXT NOT NULL DEFAULT '{}'",
+}
 _COLUMNS = [f.name for f in fields(Row) if f.name != "extra"]
 
 
@@ -133,6 +142,10 @@ class Ledger:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(_SCHEMA)
+        have = {r["name"] for r in self.db.execute("PRAGMA table_info(experiments)")}
+        for name, definition in _ADDED_COLUMNS.items():
+            if name not in have:
+                self.db.execute(f"ALTER TABLE experiments ADD COLUMN {name} {definition}")
 
     def close(self) -> None:
         self.db.close()

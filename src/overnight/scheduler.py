@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from overnight import judge
-from overnight.errors import ConfigError, OvernightError
-from overnight.executors.base import Executor, RunRequest, RunResult
+from overnight import judge, regions
+from overnight.errors import ConfigError, IntegrityHalt, OvernightError
+from overnight.executors.base import CheckResult, Executor, RunRequest, RunResult
 from overnight.knobs import read_knobs
 from overnight.ledger import Ledger, Row
 from overnight.metrics import tail
@@ -68,7 +68,8 @@ class Loop:
         self.report = reporter or SilentReporter()
         self.runs_root = runs_root or repo.root / ".overnight" / "runs"
         self.proposer: Proposer | None = None
-        self._pending: dict[Future[RunResult], Row] = {}
+        self._pending: dict[Future, _Job] = {}
+        self._redo: list[Row] = []  # queued rows to launch, or lost/tampered rows to retry
         self._free_slots = list(range(executor.slots))
         self._files_cache: dict[str, dict[str, str]] = {}
 
@@ -77,23 +78,27 @@ class Loop:
     def run(self) -> Outcome:
         with _TagLock(self.repo.root / ".overnight", self.tag):
             self.ledger.event(self.tag, "start", f"pid {os.getpid()}")
-            redo = self._resume()
+            self._redo = self._resume()
             try:
-                why = self._loop(redo)
+                why = self._loop()
                 interrupted = False
             except KeyboardInterrupt:
                 self._interrupt()
                 why, interrupted = "interrupted", True
+            except IntegrityHalt as e:
+                self._interrupt()
+                self.ledger.event(self.tag, "halt", str(e))
+                raise
             self.ledger.event(self.tag, "stop", why)
             return Outcome(self.tag, self._counted(), interrupted, why)
 
-    def _loop(self, redo: list[Row]) -> str:
+    def _loop(self) -> str:
         rejected_in_a_row = 0
         exhausted = False
         while True:
             while self._free_slots and not exhausted and not self._reached_max():
-                if redo:
-                    first = redo.pop(0)
+                if self._redo:
+                    first = self._redo.pop(0)
                     self._launch(first if first.status == "queued" else self._retry_row(first))
                     continue
                 if self._baseline_pending():
@@ -114,7 +119,11 @@ class Loop:
                 break
             done, _ = wait(list(self._pending), return_when=FIRST_COMPLETED)
             for fut in done:
-                self._record(self._pending.pop(fut), fut.result())
+                job = self._pending.pop(fut)
+                if job.result is None:
+                    self._record(job, fut.result())
+                else:
+                    self._checked(job, fut.result())
         if self._reached_max():
             return f"reached {self.max} experiments"
         return "the proposer has nothing new to try" if exhausted else "done"
@@ -261,6 +270,10 @@ class Loop:
         changed = {path: text for path, text in p.edits.items() if ctx.files.get(path) != text}
         if not changed:
             return "changes nothing"
+        for path, text in changed.items():
+            problem = regions.check_edit(path, ctx.files.get(path, ""), text)
+            if problem:
+                return problem
         bounds = self.spec.search.bounds
         if bounds:
             try:
@@ -286,27 +299,85 @@ class Loop:
             timeout_seconds=self.spec.run.timeout_seconds,
             kill_grace_seconds=self.spec.run.kill_grace_seconds,
             slot=slot, metrics_file=self.spec.run.metrics_file,
+            allow_env=tuple(self.spec.run.allow_env), sandbox=self.spec.run.sandbox,
+            attest=self.spec.run.attest,
+            evaluate=self.spec.evaluate.command if self.spec.evaluate else None,
+            evaluate_commit=self._baseline_commit(),
+            evaluate_timeout=self.spec.evaluate.timeout_seconds if self.spec.evaluate else 600,
         )
         self.ledger.update(row.id, status="running", slot=slot, run_dir=str(run_dir),
                            log_path=str(req.log_path))
         row = self.ledger.get(row.id)
-        self._pending[self.executor.submit(req)] = row
+        self._pending[self.executor.submit(req)] = _Job(row, req)
         self.report.started(row)
 
-    def _record(self, row: Row, result: RunResult) -> None:
-        self._free_slots.append(row.slot)
-        self._free_slots.sort()
+    def _record(self, job: _Job, result: RunResult) -> None:
+        """Judge a finished run; a would-be keep goes through the checks gate first."""
+        row = job.row
+        if result.tampered:
+            self._tampered(row, result)
+            return
         value, why = result.metrics.objective(self.spec.objective.metric)
         inc = None if row.is_baseline else self._incumbent()
         decision = judge.decide(self.spec.objective, result.status, value, why,
                                 inc.metric if inc else None, result.reason)
+        if decision.status == "keep" and not row.is_baseline and self.spec.run.checks:
+            fut = self.executor.submit_checks(job.request, self.spec.run.checks,
+                                              self.spec.run.checks_timeout_seconds)
+            self._pending[fut] = _Job(row, job.request, result)
+            self.report.note(f"#{row.id} beat the incumbent; running checks")
+            return
+        self._finish(row, result, decision, inc)
+
+    def _checked(self, job: _Job, check: CheckResult) -> None:
+        row, result = job.row, job.result
+        if not check.ok:
+            decision = judge.Decision("checks_failed", None, None, check.reason)
+            self._finish(row, result, decision, None)
+            return
+        # Judge again: the incumbent may have moved while the checks ran.
+        value, why = result.metrics.objective(self.spec.objective.metric)
+        inc = self._incumbent()
+        decision = judge.decide(self.spec.objective, result.status, value, why,
+                                inc.metric if inc else None, result.reason)
+        self._finish(row, result, decision, inc)
+
+    def _tampered(self, row: Row, result: RunResult) -> None:
+        """What ran is not what was committed: never a result. Retry once, then halt."""
+        self._free(row)
+        self.ledger.update(
+            row.id, status="tampered", metric=None, delta=None, metrics=result.metrics.values,
+            reason=result.tampered, returncode=result.returncode, integrity=result.integrity,
+            runtime_knobs=result.runtime_knobs, hardware=result.hardware,
+            started_at=result.started_at, finished_at=result.finished_at,
+        )
+        row = self.ledger.get(row.id)
+        self.report.finished(row, self._incumbent(), self._counted())
+        earlier = self.ledger.get(row.retry_of) if row.retry_of else None
+        if earlier is None or earlier.status != "tampered":
+            self.report.note(f"#{row.id} tampered: {result.tampered}; retrying it once from a "
+                             "fresh directory")
+            self._redo.insert(0, row)
+            return
+        message = (f"experiment #{row.id} was tampered with twice, so the loop stopped: "
+                   f"{result.tampered}. Find what rewrites files in .overnight/runs (a "
+                   "formatter, linter or sync tool) and stop it, or set [run] on_tamper = "
+                   '"continue" to go on without those experiments.')
+        if self.spec.run.on_tamper == "halt":
+            raise IntegrityHalt(message)
+        self.report.note(message)
+
+    def _finish(self, row: Row, result: RunResult, decision: judge.Decision,
+                inc: Row | None) -> None:
+        self._free(row)
         update = dict(
             status=decision.status, metric=decision.metric, delta=decision.delta,
             metrics=result.metrics.values, reason=decision.reason,
             returncode=result.returncode, peak_rss_mb=result.peak_rss_mb,
             peak_vram_mb=result.metrics.values.get("peak_vram_mb"),
             hardware=result.hardware, started_at=result.started_at,
-            finished_at=result.finished_at,
+            finished_at=result.finished_at, runtime_knobs=result.runtime_knobs,
+            integrity=result.integrity,
         )
         if decision.status == "keep" and not row.is_baseline:
             kept = self._keep_commit(row, inc, decision)
@@ -342,14 +413,21 @@ class Loop:
         if work and work.exists() and not keep:
             shutil.rmtree(work, ignore_errors=True)
 
+    def _free(self, row: Row) -> None:
+        if row.slot is not None and row.slot not in self._free_slots:
+            self._free_slots.append(row.slot)
+            self._free_slots.sort()
+
     def _interrupt(self) -> None:
-        """Ctrl-C: kill what runs, record it as lost (a later run redoes it)."""
+        """Ctrl-C or a halt: kill what runs, record it as lost (a later run redoes it)."""
         self.report.note("stopping: killing running experiments...")
         self.executor.cancel_all()
-        for fut, row in list(self._pending.items()):
-            result = fut.result()
+        for fut, job in list(self._pending.items()):
+            result = job.result or fut.result()
             result.status, result.reason = "lost", "interrupted (the loop was stopped)"
-            self._record(row, result)
+            result.tampered = ""
+            self._finish(job.row, result, judge.Decision("lost", None, None, result.reason),
+                         None)
         self._pending.clear()
         self.ledger.mark_lost(self.tag, "interrupted (the loop was stopped)")
 
@@ -361,6 +439,10 @@ class Loop:
     def _baseline(self) -> Row | None:
         rows = [r for r in self.ledger.experiments(self.tag) if r.is_baseline]
         return rows[-1] if rows else None
+
+    def _baseline_commit(self) -> str | None:
+        base = self._baseline()
+        return base.commit_sha if base else None
 
     def _baseline_pending(self) -> bool:
         return self._incumbent() is None
@@ -394,6 +476,15 @@ class Loop:
             + f"Fix the script so that it prints `{self.spec.objective.metric}: <number>` "
             "and exits 0, commit, and run again."
         )
+
+
+@dataclass
+class _Job:
+    """Something in flight: a run (result None) or the checks of a finished run."""
+
+    row: Row
+    request: RunRequest
+    result: RunResult | None = None
 
 
 def _experiment(r: Row) -> Experiment:

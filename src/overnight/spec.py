@@ -43,6 +43,12 @@ class Run(_Section):
     metrics_file: str | None = None
     keep_workdirs: Literal["kept", "all", "none"] = "kept"
     env: dict[str, str] = Field(default_factory=dict)
+    allow_env: list[str] = Field(default_factory=list)  # secret-looking variables to pass on
+    sandbox: Literal["none", "bwrap"] = "none"
+    checks: str | None = None  # run on a candidate that beat the incumbent; failing -> not kept
+    checks_timeout_seconds: float = Field(default=600, gt=0)
+    on_tamper: Literal["halt", "continue"] = "halt"
+    attest: bool = True  # record what Python actually executed (sitecustomize hook)
 
     @field_validator("parallel")
     @classmethod
@@ -59,6 +65,13 @@ class Run(_Section):
                 f"({self.budget_seconds:g}): the timeout is the hard kill after the budget"
             )
         return self
+
+
+class Evaluate(_Section):
+    """A protected evaluator: the metric comes from it, not from the training script."""
+
+    command: str = Field(min_length=1)
+    timeout_seconds: float = Field(default=600, gt=0)
 
 
 class Files(_Section):
@@ -98,6 +111,7 @@ class Spec(_Section):
     files: Files
     proposer: Proposer = Field(default_factory=Proposer)
     search: Search = Field(default_factory=Search)
+    evaluate: Evaluate | None = None
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:

@@ -22,6 +22,12 @@ class RunRequest:
     kill_grace_seconds: float
     slot: int
     metrics_file: str | None = None  # JSON file of name -> number, relative to the work tree
+    allow_env: tuple[str, ...] = ()  # secret-looking variables the experiment may still see
+    sandbox: str = "none"  # none | bwrap
+    attest: bool = False  # inject the attestation hook into Python processes
+    evaluate: str | None = None  # trusted evaluator command: the metric comes from it
+    evaluate_commit: str | None = None  # the tree the evaluator runs from (the baseline's)
+    evaluate_timeout: float = 600
 
     @property
     def workdir(self) -> Path:
@@ -30,6 +36,15 @@ class RunRequest:
     @property
     def log_path(self) -> Path:
         return self.run_dir / "run.log"
+
+    @property
+    def artifacts(self) -> Path:
+        """Where the experiment leaves what the evaluator reads ($OVERNIGHT_ARTIFACTS)."""
+        return self.run_dir / "artifacts"
+
+    @property
+    def attest_path(self) -> Path:
+        return self.run_dir / "attest" / "attest.json"
 
 
 @dataclass
@@ -43,6 +58,16 @@ class RunResult:
     reason: str = ""
     hardware: str = ""
     exited_at: float | None = None  # when the process was seen to exit (for overhead figures)
+    runtime_knobs: dict[str, object] = field(default_factory=dict)  # what really ran
+    integrity: dict = field(default_factory=dict)  # the tamper report, as JSON
+    tampered: str = ""  # one-line explanation when what ran is not what was committed
+
+
+@dataclass
+class CheckResult:
+    ok: bool
+    reason: str
+    log_path: Path | None = None
 
 
 class Executor(ABC):
@@ -55,6 +80,11 @@ class Executor(ABC):
     @abstractmethod
     def cancel_all(self) -> None:
         """Kill everything running; their futures resolve with status `lost`."""
+
+    @abstractmethod
+    def submit_checks(self, request: RunRequest, command: str,
+                      timeout: float) -> Future[CheckResult]:
+        """Run the checks command on a fresh copy of the candidate's tree."""
 
     def reap(self, run_dirs: list[Path]) -> int:
         """Kill what a dead harness left running in these run directories; how many."""

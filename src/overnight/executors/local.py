@@ -17,13 +17,16 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
 from overnight.errors import ConfigError
-from overnight.executors.base import Executor, RunRequest, RunResult
-from overnight.metrics import Metrics, merge_json_file, parse_log
+from overnight.executors.base import CheckResult, Executor, RunRequest, RunResult
+from overnight.guard import RunGuard, attest_env
+from overnight.metrics import merge_json_file, parse_log, tail
+from overnight.sandbox import bwrap_argv, require_bwrap, scrubbed_env
 from overnight.snapshot import Repo
 
 RUN_TOKEN_ENV = "OVERNIGHT_RUN_TOKEN"  # marks every process of one run, wherever it went
@@ -147,16 +150,44 @@ class LocalExecutor(Executor):
     # -- one run -------------------------------------------------------------
 
     def _env(self, req: RunRequest, token: str) -> dict[str, str]:
-        env = {**os.environ, **req.env}
+        env, _ = scrubbed_env({**os.environ, **req.env}, list(req.allow_env))
         env[RUN_TOKEN_ENV] = token
         env["OVERNIGHT_BUDGET_SECONDS"] = f"{req.budget_seconds:g}"
         env["OVERNIGHT_EXPERIMENT_ID"] = str(req.experiment_id)
         env["OVERNIGHT_RUN_DIR"] = str(req.run_dir)
+        env["OVERNIGHT_ARTIFACTS"] = str(req.artifacts)
         env["OVERNIGHT_SLOT"] = str(req.slot)
         env["PYTHONUNBUFFERED"] = "1"  # so the log shows progress and survives a kill
         if self.gpus:
             env["CUDA_VISIBLE_DEVICES"] = self.gpus[req.slot % len(self.gpus)]
         return env
+
+    def _argv(self, req: RunRequest, command: str, cwd: Path) -> list[str]:
+        argv = ["/bin/sh", "-c", command]
+        if req.sandbox == "bwrap":
+            writable = [req.artifacts, req.attest_path.parent]
+            argv = bwrap_argv(require_bwrap(), cwd, writable) + argv
+        return argv
+
+    def _spawn(self, req: RunRequest, argv: list[str], cwd: Path, env: dict[str, str],
+               log_path: Path, timeout: float, token: str) -> _Exit:
+        """Run one process group to completion or its deadline; everything of it dies."""
+        with open(log_path, "ab") as log:
+            started = time.time()
+            proc = subprocess.Popen(
+                argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: we can kill the whole tree
+            )
+            with self._lock:
+                self._live[req.experiment_id] = proc
+            try:
+                timed_out, peak = self._wait(proc, token, started + timeout,
+                                             req.kill_grace_seconds)
+            finally:
+                with self._lock:
+                    self._live.pop(req.experiment_id, None)
+        return _Exit(proc.returncode, timed_out, peak, started, time.time())
 
     def _run(self, req: RunRequest) -> RunResult:
         hardware = self._hardware.get(req.slot, "")
@@ -164,27 +195,71 @@ class LocalExecutor(Executor):
             now = time.time()
             return RunResult("lost", None, now, now, reason="interrupted before start",
                              hardware=hardware)
-        if req.run_dir.exists():  # a retry of a lost run starts from a fresh directory
+        if req.run_dir.exists():  # a retry starts from a fresh directory
             shutil.rmtree(req.run_dir)
         self.repo.materialize(req.commit, req.workdir)
+        req.artifacts.mkdir(parents=True)
+        req.attest_path.parent.mkdir(parents=True)
         token = f"{os.getpid()}-{req.experiment_id}-{uuid.uuid4().hex}"
-        with open(req.log_path, "wb") as log:
-            started = time.time()
-            proc = subprocess.Popen(
-                ["/bin/sh", "-c", req.command], cwd=req.workdir, env=self._env(req, token),
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group: we can kill the whole tree
-            )
-            with self._lock:
-                self._live[req.experiment_id] = proc
-            try:
-                timed_out, peak = self._wait(proc, token, started + req.timeout_seconds,
-                                             req.kill_grace_seconds)
-            finally:
-                with self._lock:
-                    self._live.pop(req.experiment_id, None)
-        exited = time.time()
-        return self._result(req, proc.returncode, timed_out, peak, started, exited, hardware)
+        env = self._env(req, token)
+        if req.attest:
+            env.update(attest_env(req.attest_path, req.workdir, env.get("PYTHONPATH")))
+        guard = RunGuard(self.repo, req.commit, req.workdir)
+        with guard:
+            ran = self._spawn(req, self._argv(req, req.command, req.workdir), req.workdir,
+                              env, req.log_path, req.timeout_seconds, token)
+        result = self._result(req, ran, hardware)
+        verdict = guard.verdict(req.attest_path if req.attest else None)
+        result.integrity, result.tampered = verdict.report, verdict.summary
+        result.runtime_knobs = verdict.runtime_knobs
+        if result.status == "ok" and req.evaluate and not result.tampered:
+            self._evaluate(req, result, token)
+        result.finished_at = time.time()
+        return result
+
+    def _evaluate(self, req: RunRequest, result: RunResult, token: str) -> None:
+        """The trusted evaluator decides the metrics: what the script printed is set aside."""
+        eval_dir = req.run_dir / "eval"
+        self.repo.materialize(req.evaluate_commit or req.commit, eval_dir)
+        env = self._env(req, token)
+        log = req.run_dir / "eval.log"
+        ran = self._spawn(req, self._argv(req, req.evaluate, eval_dir), eval_dir, env, log,
+                          req.evaluate_timeout, token)
+        metrics = parse_log(log)
+        printed = result.metrics.values.get("peak_vram_mb")
+        if printed is not None and "peak_vram_mb" not in metrics.values:
+            metrics.add("peak_vram_mb", printed)  # memory is informational, not judged
+        result.metrics = metrics
+        if ran.timed_out:
+            result.status, result.reason = "crash", (
+                f"the evaluator was killed after {req.evaluate_timeout:g}s (see {log})")
+        elif ran.returncode != 0:
+            result.status, result.reason = "crash", (
+                f"the evaluator failed with exit code {ran.returncode} (see {log})")
+
+    def submit_checks(self, req: RunRequest, command: str,
+                      timeout: float) -> Future[CheckResult]:
+        return self._pool.submit(self._checks, req, command, timeout)
+
+    def _checks(self, req: RunRequest, command: str, timeout: float) -> CheckResult:
+        where = req.run_dir / "checks"
+        if where.exists():
+            shutil.rmtree(where)
+        self.repo.materialize(req.commit, where)
+        log = req.run_dir / "checks.log"
+        token = f"{os.getpid()}-{req.experiment_id}-checks-{uuid.uuid4().hex}"
+        ran = self._spawn(req, self._argv(req, command, where), where, self._env(req, token),
+                          log, timeout, token)
+        shutil.rmtree(where, ignore_errors=True)
+        if self._cancelled.is_set():
+            return CheckResult(False, "interrupted (the loop was stopped)", log)
+        if ran.timed_out:
+            return CheckResult(False, f"checks `{command}` timed out after {timeout:g}s", log)
+        if ran.returncode != 0:
+            last = tail(log, 3).replace("\n", " | ")
+            return CheckResult(False, f"checks `{command}` failed (exit {ran.returncode}): "
+                               f"{last}", log)
+        return CheckResult(True, "", log)
 
     def _wait(self, proc: subprocess.Popen, token: str, deadline: float,
               grace: float) -> tuple[bool, float]:
@@ -213,17 +288,16 @@ class LocalExecutor(Executor):
         watcher.signal_all(signal.SIGKILL)
         return timed_out, watcher.peak_mb
 
-    def _result(self, req: RunRequest, rc: int | None, timed_out: bool, peak: float,
-                started: float, exited: float, hardware: str) -> RunResult:
+    def _result(self, req: RunRequest, ran: _Exit, hardware: str) -> RunResult:
         metrics = parse_log(req.log_path)
-        reason = ""
+        rc, reason = ran.returncode, ""
         if req.metrics_file:
             err = merge_json_file(req.workdir / req.metrics_file, metrics)
             if err and rc == 0:
                 reason = err
-        if self._cancelled.is_set() and not timed_out:
+        if self._cancelled.is_set() and not ran.timed_out:
             status, reason = "lost", "interrupted (the loop was stopped)"
-        elif timed_out:
+        elif ran.timed_out:
             status = "timeout"
             reason = f"killed after the {req.timeout_seconds:g}s timeout"
         elif rc != 0:
@@ -232,10 +306,19 @@ class LocalExecutor(Executor):
         else:
             status = "ok"
         return RunResult(
-            status=status, returncode=rc, started_at=started, finished_at=time.time(),
-            metrics=metrics if isinstance(metrics, Metrics) else Metrics(),
-            peak_rss_mb=peak or None, reason=reason, hardware=hardware, exited_at=exited,
+            status=status, returncode=rc, started_at=ran.started, finished_at=time.time(),
+            metrics=metrics, peak_rss_mb=ran.peak_mb or None, reason=reason, hardware=hardware,
+            exited_at=ran.exited,
         )
+
+
+@dataclass
+class _Exit:
+    returncode: int | None
+    timed_out: bool
+    peak_mb: float
+    started: float
+    exited: float
 
 
 class _TreeWatcher:
