@@ -41,14 +41,21 @@ def require_bwrap() -> str:
     return path
 
 
-def bwrap_argv(bwrap: str, workdir: Path, writable: list[Path]) -> list[str]:
+def bwrap_argv(bwrap: str, workdir: Path, writable: list[Path],
+               readable: list[Path] = ()) -> list[str]:
     """Read-only filesystem, writable run directories, a private /tmp, no network.
 
     Devices stay (GPUs live in /dev); the process stays in the harness's process group so a
-    timeout still kills the whole tree.
+    timeout still kills the whole tree. `readable` paths that live under /tmp (a virtual
+    environment, the repository) are bound back, read-only, over the private /tmp.
     """
     argv = [bwrap, "--ro-bind", "/", "/", "--dev-bind", "/dev", "/dev", "--proc", "/proc",
             "--tmpfs", "/tmp", "--unshare-net", "--die-with-parent"]
+    tmp = Path("/tmp")
+    for path in readable:
+        p = path.resolve()
+        if p.exists() and (p == tmp or tmp in p.parents):
+            argv += ["--ro-bind", str(p), str(p)]
     for path in [workdir, *writable]:
         p = str(path.resolve())
         argv += ["--bind", p, p]

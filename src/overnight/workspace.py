@@ -9,6 +9,7 @@ from pathlib import Path
 
 from overnight.errors import ConfigError
 from overnight.ledger import Ledger
+from overnight.sandbox import require_bwrap
 from overnight.snapshot import Repo
 from overnight.spec import SPEC_FILE, Spec, load_spec, parse_spec, tomllib
 
@@ -49,6 +50,8 @@ class Workspace:
                 f"[files] editable names {', '.join(missing)}, which is not committed at HEAD: "
                 "fix the path in overnight.toml or commit the file"
             )
+        if self.spec.run.sandbox == "bwrap":
+            require_bwrap()
         self.repo.exclude(f"/{STATE_DIR}/")
 
 

@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -114,7 +115,16 @@ class LocalExecutor(Executor):
         }
 
     def submit(self, request: RunRequest) -> Future[RunResult]:
-        return self._pool.submit(self._run, request)
+        return self._pool.submit(self._run_safely, request)
+
+    def _run_safely(self, req: RunRequest) -> RunResult:
+        """A failure of the harness itself (disk full, git gone) loses the run, not the loop."""
+        try:
+            return self._run(req)
+        except Exception as e:  # noqa: BLE001 - reported in the ledger, the loop goes on
+            now = time.time()
+            return RunResult("lost", None, now, now, reason=f"harness error: {e}",
+                             hardware=self._hardware.get(req.slot, ""))
 
     def cancel_all(self) -> None:
         self._cancelled.set()
@@ -162,11 +172,20 @@ class LocalExecutor(Executor):
             env["CUDA_VISIBLE_DEVICES"] = self.gpus[req.slot % len(self.gpus)]
         return env
 
+    def _readable(self) -> list[Path]:
+        """What an experiment needs to read even if it lives under /tmp: the repository, this
+        Python and its environment, and everything on PATH and PYTHONPATH."""
+        paths = [self.repo.root, Path(sys.prefix), Path(sys.executable).resolve().parent,
+                 Path(__file__).resolve().parents[1]]
+        for var in ("PATH", "PYTHONPATH", "VIRTUAL_ENV"):
+            paths += [Path(p) for p in os.environ.get(var, "").split(os.pathsep) if p]
+        return paths
+
     def _argv(self, req: RunRequest, command: str, cwd: Path) -> list[str]:
         argv = ["/bin/sh", "-c", command]
         if req.sandbox == "bwrap":
             writable = [req.artifacts, req.attest_path.parent]
-            argv = bwrap_argv(require_bwrap(), cwd, writable) + argv
+            argv = bwrap_argv(require_bwrap(), cwd, writable, self._readable()) + argv
         return argv
 
     def _spawn(self, req: RunRequest, argv: list[str], cwd: Path, env: dict[str, str],

@@ -1,0 +1,117 @@
+"""What an experiment may see: no secrets from the harness; under bwrap, no network and a
+read-only filesystem outside its own directories."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import rows, spec_toml
+
+from overnight.sandbox import is_secret, scrubbed_env
+
+TAG = "t"
+
+PROBE = """\
+import os
+for name in ("OPENAI_API_KEY", "HF_TOKEN", "DB_PASSWORD", "WANDB_API_KEY", "HARMLESS"):
+    print("env", name, "present" if name in os.environ else "absent")
+LEARNING_RATE = 0.001
+print("val_loss: 1.0")
+"""
+
+
+def test_secret_names():
+    for name in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GITHUB_TOKEN", "AWS_SECRET_ACCESS_KEY",
+                 "AWS_ACCESS_KEY_ID", "GOOGLE_APPLICATION_CREDENTIALS", "db_password",
+                 "AZURE_CLIENT_SECRET", "HF_TOKEN"):
+        assert is_secret(name), name
+    for name in ("PATH", "HOME", "CUDA_VISIBLE_DEVICES", "TOKENIZERS_PARALLELISM", "PYTHONPATH"):
+        assert not is_secret(name), name
+    env, removed = scrubbed_env({"A_TOKEN": "x", "PATH": "/bin", "B_TOKEN": "y"}, ["B_TOKEN"])
+    assert env == {"PATH": "/bin", "B_TOKEN": "y"} and removed == ["A_TOKEN"]
+
+
+def test_experiments_do_not_see_the_harness_secrets(make_repo, cli):
+    toml = spec_toml("grid", extra_run='allow_env = ["WANDB_API_KEY"]')
+    repo = make_repo({"train.py": PROBE}, toml)
+    secrets = {"OPENAI_API_KEY": "sk-test", "HF_TOKEN": "hf", "DB_PASSWORD": "pw",
+               "WANDB_API_KEY": "wb", "HARMLESS": "1"}
+    out = cli("run", "-t", TAG, "-n", "1", cwd=repo, env=secrets)
+    assert out.returncode == 0, out.stderr
+    log = Path(rows(repo, TAG)[0]["log_path"]).read_text()
+    assert "env OPENAI_API_KEY absent" in log
+    assert "env HF_TOKEN absent" in log
+    assert "env DB_PASSWORD absent" in log
+    assert "env WANDB_API_KEY present" in log  # allowed by name in the spec
+    assert "env HARMLESS present" in log
+
+
+SANDBOXED = """\
+import os, socket, sys
+port = int(os.environ["PROBE_PORT"])
+try:
+    socket.create_connection(("127.0.0.1", port), timeout=3).close()
+    print("network reached")
+except OSError as e:
+    print("network blocked", type(e).__name__)
+for target in (os.environ["PROBE_OUTSIDE"], os.path.expanduser("~/overnight-probe")):
+    try:
+        open(target, "w").write("escaped")
+        print("wrote outside", target)
+    except OSError as e:
+        print("write outside blocked", type(e).__name__)
+open("inside.txt", "w").write("ok")
+open(os.path.join(os.environ["OVERNIGHT_ARTIFACTS"], "a.txt"), "w").write("ok")
+open("/tmp/overnight-private-probe", "w").write("ok")
+print("wrote inside")
+LEARNING_RATE = 0.001
+print("val_loss: 1.0")
+"""
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed")
+def test_bwrap_sandbox_blocks_network_and_writes_outside(make_repo, cli, tmp_path):
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    accepted = []
+    threading.Thread(target=lambda: accepted.append(server.accept()), daemon=True).start()
+    toml = spec_toml("grid", extra_run='sandbox = "bwrap"')
+    repo = make_repo({"train.py": SANDBOXED}, toml)
+    outside = repo / "escaped.txt"  # the user's repository, beside the run directories
+    env = {"PROBE_PORT": str(server.getsockname()[1]), "PROBE_OUTSIDE": str(outside)}
+    # Without the sandbox the probe does reach the server: the test can tell the difference.
+    with socket.create_connection(server.getsockname(), timeout=3):
+        pass
+    accepted.clear()
+    threading.Thread(target=lambda: accepted.append(server.accept()), daemon=True).start()
+
+    out = cli("run", "-t", TAG, "-n", "1", cwd=repo, env=env)
+    assert out.returncode == 0, out.stderr
+    row = rows(repo, TAG)[0]
+    log = Path(row["log_path"]).read_text()
+    assert "network blocked" in log and "network reached" not in log
+    assert "wrote outside" not in log and log.count("write outside blocked") == 2
+    assert "wrote inside" in log
+    assert not outside.exists() and not accepted
+    assert not Path("/tmp/overnight-private-probe").exists()  # its /tmp was private
+    assert (Path(row["run_dir"]) / "artifacts" / "a.txt").read_text() == "ok"
+    server.close()
+
+
+def test_bwrap_missing_is_a_clear_error(make_repo, cli, tmp_path):
+    toml = spec_toml("grid", extra_run='sandbox = "bwrap"')
+    repo = make_repo({"train.py": SANDBOXED}, toml)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("git", "sh"):
+        os.symlink(shutil.which(tool), bin_dir / tool)
+    out = cli("run", "-t", TAG, "-n", "1", cwd=repo, env={"PATH": str(bin_dir)})
+    assert out.returncode == 2
+    assert "bubblewrap is not installed" in out.stderr
+    assert "apt-get install bubblewrap" in out.stderr
