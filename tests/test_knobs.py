@@ -156,3 +156,9 @@ def test_format_value_rejects_values_with_no_literal() -> None:
         format_value(float("nan"))
     with pytest.raises(TypeError):
         format_value(True)
+
+
+def test_rewrite_counts_columns_in_characters_not_bytes() -> None:
+    src = 'NAME = "café"; LR = 0.1  # ünïcode\fCOMMENT = 1\nBS = 8\n'
+    out = rewrite(src, {"LR": 0.25, "BS": 16})
+    assert out == 'NAME = "café"; LR = 0.25  # ünïcode\fCOMMENT = 1\nBS = 16\n'

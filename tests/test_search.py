@@ -1,4 +1,4 @@
-"""Search proposer: real libcst edits, real Optuna, contexts built by hand like the ledger would."""
+"""Search proposer: real knob rewrites, real Optuna, contexts built by hand like the ledger would."""
 
 from __future__ import annotations
 

@@ -9,12 +9,10 @@ literal we would edit.
 
 from __future__ import annotations
 
+import ast
 import re
 from dataclasses import dataclass
 from typing import Literal
-
-import libcst as cst
-from libcst.metadata import MetadataWrapper, PositionProvider
 
 from overnight.errors import ConfigError
 from overnight.regions import RegionError, protected_lines
@@ -34,8 +32,6 @@ class Knob:
 def list_knobs(source: str, path: str) -> list[Knob]:
     """Every knob of one file, in source order. Constants in protected regions are not knobs."""
     module = _parse(source, path)
-    wrapper = MetadataWrapper(module, unsafe_skip_copy=True)
-    positions = wrapper.resolve(PositionProvider)
     try:
         fixed = protected_lines(source)
     except RegionError as e:
@@ -43,10 +39,9 @@ def list_knobs(source: str, path: str) -> list[Knob]:
     knobs = []
     for stmt, name, value_node in _knob_statements(module):
         value, kind = _literal_value(value_node)
-        line = positions[stmt].start.line
-        if line in fixed:
+        if stmt.lineno in fixed:
             continue
-        knobs.append(Knob(name=name, value=value, kind=kind, path=path, line=line))
+        knobs.append(Knob(name=name, value=value, kind=kind, path=path, line=stmt.lineno))
     return knobs
 
 
@@ -80,16 +75,18 @@ def rewrite(source: str, values: dict[str, int | float]) -> str:
             f"cannot rewrite {', '.join(unknown)}: not a knob in this file "
             f"(knobs here: {available})"
         )
-    replacements: dict[cst.BaseExpression, cst.BaseExpression] = {}
+    offsets = _line_offsets(source)
+    spans = []
     for name, new in values.items():
-        old_node = known[name]
-        _, kind = _literal_value(old_node)
-        text = _literal_text(name, new, kind)
-        new_node = cst.parse_expression(text)
-        # Keep parentheses the user wrote around the number.
-        new_node = new_node.with_changes(lpar=old_node.lpar, rpar=old_node.rpar)
-        replacements[old_node] = new_node
-    return module.visit(_Replace(replacements)).code
+        node = known[name]
+        _, kind = _literal_value(node)
+        start = _offset(source, offsets, node.lineno, node.col_offset)
+        end = _offset(source, offsets, node.end_lineno, node.end_col_offset)
+        spans.append((start, end, _literal_text(name, new, kind)))
+    out = source
+    for start, end, text in sorted(spans, reverse=True):  # from the end: offsets stay valid
+        out = out[:start] + text + out[end:]
+    return out
 
 
 def format_value(v: int | float, digits: int = 4) -> str:
@@ -112,70 +109,66 @@ def format_value(v: int | float, digits: int = 4) -> str:
 # --- internals -----------------------------------------------------------------------------
 
 
-def _parse(source: str, path: str) -> cst.Module:
+def _parse(source: str, path: str) -> ast.Module:
     try:
-        return cst.parse_module(source)
-    except cst.ParserSyntaxError as e:
-        raise ConfigError(f"{path} is not valid Python: {e.message} (line {e.raw_line})") from None
+        return ast.parse(source, filename=path)
+    except SyntaxError as e:
+        raise ConfigError(f"{path} is not valid Python: {e.msg} (line {e.lineno})") from None
 
 
-def _knob_statements(
-    module: cst.Module,
-) -> list[tuple[cst.BaseSmallStatement, str, cst.BaseExpression]]:
+def _knob_statements(module: ast.Module) -> list[tuple[ast.stmt, str, ast.expr]]:
     """(statement, name, value node) for each knob, top-level statements only."""
-    candidates: list[tuple[cst.BaseSmallStatement, str, cst.BaseExpression]] = []
+    candidates: list[tuple[ast.stmt, str, ast.expr]] = []
     assigned: dict[str, int] = {}
-    for line in module.body:
-        if not isinstance(line, cst.SimpleStatementLine):
-            continue  # def, class, if, for, with...: not top-level constants
-        for stmt in line.body:
-            for name in _assigned_names(stmt):
-                assigned[name] = assigned.get(name, 0) + 1
-            knob = _as_knob(stmt)
-            if knob is not None:
-                candidates.append((stmt, *knob))
+    for stmt in module.body:  # def, class, if, for, with...: not top-level constants
+        for name in _assigned_names(stmt):
+            assigned[name] = assigned.get(name, 0) + 1
+        knob = _as_knob(stmt)
+        if knob is not None:
+            candidates.append((stmt, *knob))
     # A name assigned twice is not a constant: editing one literal may not change what runs.
     return [c for c in candidates if assigned[c[1]] == 1]
 
 
-def _as_knob(stmt: cst.BaseSmallStatement) -> tuple[str, cst.BaseExpression] | None:
-    if isinstance(stmt, cst.Assign):
+def _as_knob(stmt: ast.stmt) -> tuple[str, ast.expr] | None:
+    if isinstance(stmt, ast.Assign):
         if len(stmt.targets) != 1:
             return None  # A = B = 1: two names share one literal
-        target, value = stmt.targets[0].target, stmt.value
-    elif isinstance(stmt, cst.AnnAssign) and stmt.value is not None:
+        target, value = stmt.targets[0], stmt.value
+    elif isinstance(stmt, ast.AnnAssign) and stmt.value is not None:
         target, value = stmt.target, stmt.value
     else:
         return None
-    if not isinstance(target, cst.Name) or not NAME_RE.match(target.value):
+    if not isinstance(target, ast.Name) or not NAME_RE.match(target.id):
         return None
     if not _is_number(value):
         return None
-    return target.value, value
+    return target.id, value
 
 
-def _assigned_names(stmt: cst.BaseSmallStatement) -> list[str]:
-    if isinstance(stmt, cst.Assign):
-        return [t.target.value for t in stmt.targets if isinstance(t.target, cst.Name)]
-    if isinstance(stmt, (cst.AnnAssign, cst.AugAssign)) and isinstance(stmt.target, cst.Name):
-        return [stmt.target.value]
+def _assigned_names(stmt: ast.stmt) -> list[str]:
+    if isinstance(stmt, ast.Assign):
+        return [t.id for t in stmt.targets if isinstance(t, ast.Name)]
+    if isinstance(stmt, (ast.AnnAssign, ast.AugAssign)) and isinstance(stmt.target, ast.Name):
+        return [stmt.target.id]
     return []
 
 
-def _is_number(node: cst.BaseExpression) -> bool:
-    if isinstance(node, cst.UnaryOperation) and isinstance(node.operator, (cst.Minus, cst.Plus)):
-        node = node.expression
-    return isinstance(node, (cst.Integer, cst.Float))
+def _is_number(node: ast.expr) -> bool:
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        node = node.operand
+    return (isinstance(node, ast.Constant) and isinstance(node.value, (int, float))
+            and not isinstance(node.value, bool))
 
 
-def _literal_value(node: cst.BaseExpression) -> tuple[int | float, Literal["int", "float"]]:
+def _literal_value(node: ast.expr) -> tuple[int | float, Literal["int", "float"]]:
     sign = 1
-    if isinstance(node, cst.UnaryOperation):
-        sign = -1 if isinstance(node.operator, cst.Minus) else 1
-        node = node.expression
-    if isinstance(node, cst.Integer):
-        return sign * int(node.value, 0), "int"
-    assert isinstance(node, cst.Float)
+    if isinstance(node, ast.UnaryOp):
+        sign = -1 if isinstance(node.op, ast.USub) else 1
+        node = node.operand
+    assert isinstance(node, ast.Constant)
+    if isinstance(node.value, int):
+        return sign * node.value, "int"
     return sign * float(node.value), "float"
 
 
@@ -189,14 +182,14 @@ def _literal_text(name: str, v: int | float, kind: Literal["int", "float"]) -> s
     return format_value(float(v), digits=17)  # 17 digits: exact, still the shortest repr
 
 
-class _Replace(cst.CSTTransformer):
-    """Swap value nodes by identity; nothing else in the tree is touched."""
+def _line_offsets(source: str) -> list[int]:
+    """Character offset of the start of each line (index 0 is line 1)."""
+    # Python's own line ends only: str.splitlines would also split on form feeds and the like.
+    return [0] + [m.end() for m in re.finditer(r"\r\n|\r|\n", source)] + [len(source)]
 
-    def __init__(self, replacements: dict[cst.BaseExpression, cst.BaseExpression]) -> None:
-        super().__init__()
-        self._replacements = replacements
 
-    def on_leave(
-        self, original_node: cst.CSTNode, updated_node: cst.CSTNode
-    ) -> cst.CSTNode | cst.RemovalSentinel | cst.FlattenSentinel:
-        return self._replacements.get(original_node, updated_node)  # type: ignore[call-overload]
+def _offset(source: str, offsets: list[int], lineno: int, col_bytes: int) -> int:
+    """ast columns count UTF-8 bytes; turn (line, byte column) into a string offset."""
+    start = offsets[lineno - 1]
+    line = source[start:offsets[lineno]] if lineno < len(offsets) else source[start:]
+    return start + len(line.encode("utf-8")[:col_bytes].decode("utf-8", errors="ignore"))
