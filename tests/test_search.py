@@ -1,4 +1,4 @@
-"""Search proposer: real knob rewrites, real Optuna, contexts built by hand like the ledger would."""
+"""Search proposer: real knob rewrites, real Optuna, contexts built like the ledger would."""
 
 from __future__ import annotations
 
