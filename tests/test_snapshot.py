@@ -77,3 +77,16 @@ def test_dirty_and_exclude(repo: Repo):
 def test_not_a_repository(tmp_path: Path):
     with pytest.raises(ConfigError, match="not inside a git repository"):
         Repo.open(tmp_path)
+
+
+def test_candidate_edits_nested_files_and_keeps_modes(repo: Repo, tmp_path: Path):
+    head = repo.head()
+    sha = repo.commit_candidate(head, {"sub/data.txt": "new\n", "run.sh": "#!/bin/sh\necho 2\n",
+                                       "deep/new/file.py": "X = 1\n"}, "nested")
+    assert repo.read_files(sha, ["sub/data.txt", "train.py", "deep/new/file.py"]) == {
+        "sub/data.txt": "new\n", "train.py": "LR = 0.1\n", "deep/new/file.py": "X = 1\n"}
+    modes = {line.split()[3]: line.split()[0]
+             for line in git(repo.root, "ls-tree", "-r", sha).splitlines()}
+    assert modes["run.sh"] == "100755" and modes["sub/data.txt"] == "100644"
+    changed = git(repo.root, "diff", "--name-only", head, sha).splitlines()
+    assert sorted(changed) == ["deep/new/file.py", "run.sh", "sub/data.txt"]

@@ -72,6 +72,9 @@ class Loop:
         self._redo: list[Row] = []  # queued rows to launch, or lost/tampered rows to retry
         self._free_slots = list(range(executor.slots))
         self._files_cache: dict[str, dict[str, str]] = {}
+        # This tag's rows, refreshed after every write: one loop per tag (a lock), so the
+        # cache is the ledger, without rereading the whole history for every proposal.
+        self._rows: dict[int, Row] = {}
 
     # -- the main path -----------------------------------------------------------
 
@@ -97,6 +100,8 @@ class Loop:
         exhausted = False
         while True:
             while self._free_slots and not exhausted and not self._reached_max():
+                if self._drain():
+                    continue  # a finished run is recorded before anything new is launched
                 if self._redo:
                     first = self._redo.pop(0)
                     self._launch(first if first.status == "queued" else self._retry_row(first))
@@ -117,16 +122,22 @@ class Loop:
                     self._launch(row)
             if not self._pending:
                 break
-            done, _ = wait(list(self._pending), return_when=FIRST_COMPLETED)
-            for fut in done:
-                job = self._pending.pop(fut)
-                if job.result is None:
-                    self._record(job, fut.result())
-                else:
-                    self._checked(job, fut.result())
+            wait(list(self._pending), return_when=FIRST_COMPLETED)
+            self._drain()
         if self._reached_max():
             return f"reached {self.max} experiments"
         return "the proposer has nothing new to try" if exhausted else "done"
+
+    def _drain(self) -> bool:
+        """Record every finished run or check; True if there was any."""
+        done = [fut for fut in self._pending if fut.done()]
+        for fut in done:
+            job = self._pending.pop(fut)
+            if job.result is None:
+                self._record(job, fut.result())
+            else:
+                self._checked(job, fut.result())
+        return bool(done)
 
     # -- starting: baseline, resume, repair ---------------------------------------
 
@@ -140,12 +151,14 @@ class Loop:
             if killed:
                 self.report.note(f"killed {killed} orphaned process(es) of those experiments")
         rows = self.ledger.experiments(self.tag)
+        self._rows = {r.id: r for r in rows}
         redo = []
         if not any(r.status == "keep" for r in rows):
             baseline = self._start_baseline(rows)
             if baseline is not None:
                 redo.append(baseline)
             rows = self.ledger.experiments(self.tag)
+            self._rows = {r.id: r for r in rows}
         self._repair_refs(rows)
         retried = {r.retry_of for r in rows if r.retry_of is not None}
         for r in rows:
@@ -173,7 +186,7 @@ class Loop:
         rid = self.ledger.insert(self.tag, "queued", is_baseline=1, commit_sha=head,
                                  description="baseline", proposer="baseline",
                                  knobs=self._knobs_of(head), kept_commit=head)
-        return self.ledger.get(rid)
+        return self._get(rid)
 
     def _repair_refs(self, rows: list[Row]) -> None:
         """Git follows the ledger: the branch tip is the last keep; one ref per candidate."""
@@ -210,14 +223,13 @@ class Loop:
             retry_of=lost.id, kept_commit=lost.kept_commit if lost.is_baseline else None,
         )
         self.repo.set_ref(candidate_ref(self.tag, new_id), lost.commit_sha)
-        return self.ledger.get(new_id)
+        return self._get(new_id)
 
     # -- proposing -------------------------------------------------------------
 
     def _context(self) -> Context:
-        rows = self.ledger.experiments(self.tag)
         inc = self._incumbent()
-        history = [_experiment(r) for r in rows]
+        history = [_experiment(r) for _, r in sorted(self._rows.items())]
         return Context(
             incumbent=_experiment(inc),
             files=self._files(inc.commit_sha),
@@ -241,7 +253,7 @@ class Loop:
                 hypothesis=proposal.hypothesis, proposer=self.proposer.name,
                 knobs=proposal.knobs, reason=problem,
             )
-            row = self.ledger.get(rid)
+            row = self._get(rid)
             self.report.finished(row, self._incumbent(), self._counted())
             return row
         rid = self.ledger.insert(
@@ -255,7 +267,7 @@ class Loop:
         sha = self.repo.commit_candidate(proposal.parent, proposal.edits, message)
         self.ledger.update(rid, commit_sha=sha)
         self.repo.set_ref(candidate_ref(self.tag, rid), sha)
-        return self.ledger.get(rid)
+        return self._get(rid)
 
     def _check(self, p: Proposal, ctx: Context) -> str | None:
         """Why a proposal must not run, or None. Nothing is spent on a rejected proposal."""
@@ -307,7 +319,7 @@ class Loop:
         )
         self.ledger.update(row.id, status="running", slot=slot, run_dir=str(run_dir),
                            log_path=str(req.log_path))
-        row = self.ledger.get(row.id)
+        row = self._get(row.id)
         self._pending[self.executor.submit(req)] = _Job(row, req)
         self.report.started(row)
 
@@ -351,9 +363,9 @@ class Loop:
             runtime_knobs=result.runtime_knobs, hardware=result.hardware,
             started_at=result.started_at, finished_at=result.finished_at,
         )
-        row = self.ledger.get(row.id)
+        row = self._get(row.id)
         self.report.finished(row, self._incumbent(), self._counted())
-        earlier = self.ledger.get(row.retry_of) if row.retry_of else None
+        earlier = self._get(row.retry_of) if row.retry_of else None
         if earlier is None or earlier.status != "tampered":
             self.report.note(f"#{row.id} tampered: {result.tampered}; retrying it once from a "
                              "fresh directory")
@@ -385,7 +397,7 @@ class Loop:
             self.repo.set_ref(branch_ref(self.tag), kept)  # after the ledger: resume repairs
         else:
             self.ledger.update(row.id, **update)
-        row = self.ledger.get(row.id)
+        row = self._get(row.id)
         self._tidy(row)
         if row.is_baseline and row.status not in ("keep", "lost"):
             raise ConfigError(self._baseline_failed(row))
@@ -433,11 +445,17 @@ class Loop:
 
     # -- reading the state -------------------------------------------------------------
 
+    def _get(self, experiment_id: int) -> Row | None:
+        row = self.ledger.get(experiment_id)
+        if row is not None and row.tag == self.tag:
+            self._rows[row.id] = row
+        return row
+
     def _incumbent(self) -> Row | None:
         return self.ledger.last(self.tag, "keep")  # each keep beats the one before
 
     def _baseline(self) -> Row | None:
-        rows = [r for r in self.ledger.experiments(self.tag) if r.is_baseline]
+        rows = [r for _, r in sorted(self._rows.items()) if r.is_baseline]
         return rows[-1] if rows else None
 
     def _baseline_commit(self) -> str | None:

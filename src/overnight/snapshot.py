@@ -40,6 +40,8 @@ class Repo:
         self.root = root
         self._env = {**os.environ, **_IDENTITY, "GIT_TERMINAL_PROMPT": "0"}
         self._env.pop("GIT_INDEX_FILE", None)
+        self._trees: dict[str, dict[str, tuple[str, str, str]]] = {}
+        self._commit_trees: dict[str, str] = {}
 
     @classmethod
     def open(cls, path: Path) -> Repo:
@@ -111,7 +113,9 @@ class Repo:
         return out
 
     def tree_of(self, commit: str) -> str:
-        return self.git("rev-parse", f"{commit}^{{tree}}")
+        if commit not in self._commit_trees:  # commits are immutable: ask git once
+            self._commit_trees[commit] = self.git("rev-parse", f"{commit}^{{tree}}")
+        return self._commit_trees[commit]
 
     def ref(self, name: str) -> str | None:
         return self.git("rev-parse", "--verify", "-q", name, check=False) or None
@@ -126,26 +130,48 @@ class Repo:
     # -- writing (objects and refs only) ----------------------------------------
 
     def commit_candidate(self, parent: str, edits: dict[str, str], message: str) -> str:
-        """A commit on top of `parent` whose editable files hold `edits`. Returns its sha."""
-        fd, index = tempfile.mkstemp(prefix="overnight-index-")
-        os.close(fd)
-        env = {"GIT_INDEX_FILE": index}
-        try:
-            self.git("read-tree", parent, env=env)
-            modes = {}
-            listed = self.git("ls-files", "-s", "--", *edits, env=env)
-            for line in listed.splitlines():
-                meta, path = line.split("\t", 1)
-                modes[path] = meta.split()[0]
-            info = []
-            for path, text in edits.items():
-                blob = self.git("hash-object", "-w", "--stdin", input=text.encode())
-                info.append(f"{modes.get(path, '100644')} {blob}\t{path}\n")
-            self.git("update-index", "--index-info", input="".join(info).encode(), env=env)
-            tree = self.git("write-tree", env=env)
-        finally:
-            os.unlink(index)
+        """A commit on top of `parent` whose files hold `edits`. Returns its sha.
+
+        Four git processes however large the repository: the new blobs, the changed trees
+        (from cached listings of the parent's trees), the commit.
+        """
+        blobs = {path: self._blob(text) for path, text in edits.items()}
+        tree = self._tree_with(self.tree_of(parent), blobs)
         return self.git("commit-tree", tree, "-p", parent, input=message.encode())
+
+    def _blob(self, text: str) -> str:
+        return self.git("hash-object", "-w", "--stdin", input=text.encode())
+
+    def _entries(self, tree: str) -> dict[str, tuple[str, str, str]]:
+        """name -> (mode, type, sha) of one tree, cached: trees are immutable."""
+        if tree not in self._trees:
+            out = self.git("ls-tree", "-z", tree)
+            entries = {}
+            for item in out.split("\0"):
+                if item:
+                    meta, name = item.split("\t", 1)
+                    mode, kind, sha = meta.split()
+                    entries[name] = (mode, kind, sha)
+            self._trees[tree] = entries
+        return self._trees[tree]
+
+    def _tree_with(self, tree: str | None, blobs: dict[str, str]) -> str:
+        """`tree` with some paths (possibly nested) pointing at new blobs; the new tree's sha."""
+        entries = dict(self._entries(tree)) if tree else {}
+        nested: dict[str, dict[str, str]] = {}
+        for path, blob in blobs.items():
+            head, _, rest = path.partition("/")
+            if rest:
+                nested.setdefault(head, {})[rest] = blob
+            else:
+                mode = entries[head][0] if head in entries else "100644"  # keep +x
+                entries[head] = (mode, "blob", blob)
+        for name, sub in nested.items():
+            old = entries.get(name)
+            subtree = self._tree_with(old[2] if old and old[1] == "tree" else None, sub)
+            entries[name] = ("040000", "tree", subtree)
+        listing = "".join(f"{m} {k} {s}\t{n}\0" for n, (m, k, s) in entries.items())
+        return self.git("mktree", "-z", input=listing.encode())
 
     def commit_tree(self, tree: str, parent: str, message: str) -> str:
         return self.git("commit-tree", tree, "-p", parent, input=message.encode())
@@ -170,18 +196,14 @@ class Repo:
                 f.write(pattern + "\n")
 
     def materialize(self, commit: str, dest: Path) -> None:
-        """Check the commit's tree out into `dest` (created), from a temporary index.
+        """Check the commit's tree out into `dest` (created), in one git process, through a
+        temporary index so the user's index is never touched.
 
         Not `git archive`: it drops `export-ignore` files and rewrites `export-subst` ones, so
         the run would not see what was committed.
         """
         dest.mkdir(parents=True, exist_ok=True)
-        fd, index = tempfile.mkstemp(prefix="overnight-index-")
-        os.close(fd)
-        env = {"GIT_INDEX_FILE": index}
-        try:
-            self.git("read-tree", commit, env=env)
-            self.git("checkout-index", "--all", "--force", f"--prefix={dest.resolve()}/",
-                     env=env)
-        finally:
-            os.unlink(index)
+        with tempfile.TemporaryDirectory(prefix="overnight-index-") as tmp:
+            env = {"GIT_INDEX_FILE": os.path.join(tmp, "index"),
+                   "GIT_WORK_TREE": str(dest.resolve())}
+            self.git("read-tree", "--reset", "-u", commit, env=env)

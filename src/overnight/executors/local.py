@@ -10,6 +10,7 @@ daemon that double-forked into a new session is found and killed at the end.
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -284,6 +285,7 @@ class LocalExecutor(Executor):
               grace: float) -> tuple[bool, float]:
         """Wait for exit, sampling memory; on the deadline kill the run. (timed_out, peak MB)."""
         watcher = _TreeWatcher(proc.pid, token)
+        exited = _ExitWaiter(proc)
         interval = 0.02  # sample early runs often, then back off to the steady interval
         timed_out = False
         while True:
@@ -295,12 +297,11 @@ class LocalExecutor(Executor):
                 timed_out = True
                 _stop(proc, watcher, grace)
                 break
-            try:
-                proc.wait(timeout=min(interval, left))
+            if exited.wait(min(interval, left)):
                 break
-            except subprocess.TimeoutExpired:
-                watcher.sample()
-                interval = min(interval * 2, self.sample_interval)
+            watcher.sample()
+            interval = min(interval * 2, self.sample_interval)
+        exited.close()
         # Whatever the main process left behind in its group, or spawned into its own
         # session, dies with it: an experiment never outlives its run.
         _signal_group(proc.pid, signal.SIGKILL)
@@ -329,6 +330,39 @@ class LocalExecutor(Executor):
             metrics=metrics, peak_rss_mb=ran.peak_mb or None, reason=reason, hardware=hardware,
             exited_at=ran.exited,
         )
+
+
+class _ExitWaiter:
+    """Wakes the moment the process exits (a pidfd on Linux), not at the next poll tick."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc = proc
+        self.poller: select.poll | None = None
+        self.fd: int | None = None
+        try:
+            self.fd = os.pidfd_open(proc.pid)
+            self.poller = select.poll()
+            self.poller.register(self.fd, select.POLLIN)
+        except (AttributeError, OSError):  # not Linux >= 5.3: fall back to timed waits
+            self.fd = self.poller = None
+
+    def wait(self, timeout: float) -> bool:
+        """True once the process has exited (and is reaped)."""
+        if self.poller is None:
+            try:
+                self.proc.wait(timeout=timeout)
+                return True
+            except subprocess.TimeoutExpired:
+                return False
+        if self.poller.poll(max(0, int(timeout * 1000))):
+            self.proc.wait()
+            return True
+        return False
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 @dataclass
