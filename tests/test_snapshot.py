@@ -90,3 +90,26 @@ def test_candidate_edits_nested_files_and_keeps_modes(repo: Repo, tmp_path: Path
     assert modes["run.sh"] == "100755" and modes["sub/data.txt"] == "100644"
     changed = git(repo.root, "diff", "--name-only", head, sha).splitlines()
     assert sorted(changed) == ["deep/new/file.py", "run.sh", "sub/data.txt"]
+
+
+def test_objects_written_directly_are_the_ones_git_would_write(repo: Repo, tmp_path: Path):
+    head = repo.head()
+    edits = {"train.py": "LR = 0.3\n", "sub/data.txt": "x\n", "a-b/c.py": "C = 1\n",
+             "sub.txt": "order matters: 'sub.txt' sorts before the tree 'sub'\n"}
+    sha = repo.commit_candidate(head, edits, "objects")
+    # The same tree through git's own index machinery must have the same id.
+    index = tmp_path / "index"
+    env = {**ENV, "GIT_INDEX_FILE": str(index)}
+    subprocess.run(["git", "read-tree", head], cwd=repo.root, env=env, check=True)
+    for path, text in edits.items():
+        blob = subprocess.run(["git", "hash-object", "-w", "--stdin"], cwd=repo.root, env=env,
+                              input=text, capture_output=True, text=True, check=True).stdout
+        subprocess.run(["git", "update-index", "--add", "--cacheinfo",
+                        f"100644,{blob.strip()},{path}"], cwd=repo.root, env=env, check=True)
+    tree = subprocess.run(["git", "write-tree"], cwd=repo.root, env=env, capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert git(repo.root, "rev-parse", f"{sha}^{{tree}}") == tree
+    assert git(repo.root, "cat-file", "-t", sha) == "commit"
+    fsck = subprocess.run(["git", "fsck", "--strict", "--no-dangling"], cwd=repo.root, env=ENV,
+                          capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr

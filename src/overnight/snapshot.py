@@ -7,9 +7,13 @@ checked out from the commit's objects through a temporary index too.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import tempfile
+import threading
+import time
+import zlib
 from pathlib import Path
 
 from overnight.errors import ConfigError, OvernightError
@@ -42,6 +46,7 @@ class Repo:
         self._env.pop("GIT_INDEX_FILE", None)
         self._trees: dict[str, dict[str, tuple[str, str, str]]] = {}
         self._commit_trees: dict[str, str] = {}
+        self._objects: Path | None | bool = False  # False: not looked up yet
 
     @classmethod
     def open(cls, path: Path) -> Repo:
@@ -135,12 +140,35 @@ class Repo:
         Four git processes however large the repository: the new blobs, the changed trees
         (from cached listings of the parent's trees), the commit.
         """
-        blobs = {path: self._blob(text) for path, text in edits.items()}
+        blobs = {path: self._write("blob", text.encode()) for path, text in edits.items()}
         tree = self._tree_with(self.tree_of(parent), blobs)
-        return self.git("commit-tree", tree, "-p", parent, input=message.encode())
+        return self.commit_tree(tree, parent, message)
 
-    def _blob(self, text: str) -> str:
-        return self.git("hash-object", "-w", "--stdin", input=text.encode())
+    def _write(self, kind: str, data: bytes) -> str:
+        """Store one object. Written directly as a loose object (what `git hash-object -w`
+        does, without a process per object); through git for repositories that are not
+        plain SHA-1 ones."""
+        objects = self._loose_objects()
+        if objects is None:
+            return self.git("hash-object", "-t", kind, "-w", "--stdin", input=data)
+        raw = f"{kind} {len(data)}\0".encode() + data
+        sha = hashlib.sha1(raw).hexdigest()
+        path = objects / sha[:2] / sha[2:]
+        if not path.exists():
+            path.parent.mkdir(exist_ok=True)
+            tmp = path.parent / f"tmp_obj_{os.getpid()}_{threading.get_ident()}"
+            tmp.write_bytes(zlib.compress(raw, 1))
+            tmp.chmod(0o444)
+            os.replace(tmp, path)
+        return sha
+
+    def _loose_objects(self) -> Path | None:
+        if self._objects is False:
+            fmt = self.git("rev-parse", "--show-object-format", check=False)
+            path = Path(self.git("rev-parse", "--git-path", "objects"))
+            path = path if path.is_absolute() else self.root / path
+            self._objects = path if fmt == "sha1" and path.is_dir() else None
+        return self._objects
 
     def _entries(self, tree: str) -> dict[str, tuple[str, str, str]]:
         """name -> (mode, type, sha) of one tree, cached: trees are immutable."""
@@ -170,11 +198,24 @@ class Repo:
             old = entries.get(name)
             subtree = self._tree_with(old[2] if old and old[1] == "tree" else None, sub)
             entries[name] = ("040000", "tree", subtree)
-        listing = "".join(f"{m} {k} {s}\t{n}\0" for n, (m, k, s) in entries.items())
-        return self.git("mktree", "-z", input=listing.encode())
+        # Git's tree order: names as bytes, a directory sorting as if it ended with "/".
+        def order(name: str) -> bytes:
+            return name.encode() + (b"/" if entries[name][1] == "tree" else b"")
+
+        data = b"".join(
+            f"{entries[n][0].lstrip('0')} {n}\0".encode() + bytes.fromhex(entries[n][2])
+            for n in sorted(entries, key=order)
+        )
+        return self._write("tree", data)
 
     def commit_tree(self, tree: str, parent: str, message: str) -> str:
-        return self.git("commit-tree", tree, "-p", parent, input=message.encode())
+        if self._loose_objects() is None:
+            return self.git("commit-tree", tree, "-p", parent, input=message.encode())
+        stamp = f"{int(time.time())} +0000"
+        who = f"{_IDENTITY['GIT_COMMITTER_NAME']} <{_IDENTITY['GIT_COMMITTER_EMAIL']}> {stamp}"
+        body = message if message.endswith("\n") else message + "\n"
+        text = f"tree {tree}\nparent {parent}\nauthor {who}\ncommitter {who}\n\n{body}"
+        return self._write("commit", text.encode())
 
     def set_ref(self, name: str, sha: str) -> None:
         self.git("update-ref", name, sha)
