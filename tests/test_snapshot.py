@@ -113,3 +113,15 @@ def test_objects_written_directly_are_the_ones_git_would_write(repo: Repo, tmp_p
     fsck = subprocess.run(["git", "fsck", "--strict", "--no-dangling"], cwd=repo.root, env=ENV,
                           capture_output=True, text=True)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+
+
+def test_pinned_refs_are_real_git_refs(repo: Repo):
+    head = repo.head()
+    repo.pin("refs/overnight/t/7", head)
+    assert git(repo.root, "rev-parse", "refs/overnight/t/7") == head
+    assert repo.refs("refs/overnight/t/") == {"refs/overnight/t/7": head}
+    git(repo.root, "pack-refs", "--all")
+    sha = repo.commit_candidate(head, {"train.py": "LR = 0.9\n"}, "x")
+    repo.pin("refs/overnight/t/7", sha)  # a loose ref overrides the packed one
+    assert git(repo.root, "rev-parse", "refs/overnight/t/7") == sha
+    assert git(repo.root, "for-each-ref", "--format=%(objectname)", "refs/overnight/t/7") == sha

@@ -222,7 +222,7 @@ class Loop:
             hypothesis=lost.hypothesis, proposer=lost.proposer, knobs=lost.knobs,
             retry_of=lost.id, kept_commit=lost.kept_commit if lost.is_baseline else None,
         )
-        self.repo.set_ref(candidate_ref(self.tag, new_id), lost.commit_sha)
+        self.repo.pin(candidate_ref(self.tag, new_id), lost.commit_sha)
         return self._get(new_id)
 
     # -- proposing -------------------------------------------------------------
@@ -266,7 +266,7 @@ class Loop:
         message += f"Overnight-Tag: {self.tag}\nOvernight-Experiment: {rid}\n"
         sha = self.repo.commit_candidate(proposal.parent, proposal.edits, message)
         self.ledger.update(rid, commit_sha=sha)
-        self.repo.set_ref(candidate_ref(self.tag, rid), sha)
+        self.repo.pin(candidate_ref(self.tag, rid), sha)
         return self._get(rid)
 
     def _check(self, p: Proposal, ctx: Context) -> str | None:

@@ -47,6 +47,7 @@ class Repo:
         self._trees: dict[str, dict[str, tuple[str, str, str]]] = {}
         self._commit_trees: dict[str, str] = {}
         self._objects: Path | None | bool = False  # False: not looked up yet
+        self._refs_dir: Path | None | bool = False
 
     @classmethod
     def open(cls, path: Path) -> Repo:
@@ -219,6 +220,23 @@ class Repo:
 
     def set_ref(self, name: str, sha: str) -> None:
         self.git("update-ref", name, sha)
+
+    def pin(self, name: str, sha: str) -> None:
+        """Point a new `refs/overnight/...` ref at `sha`: a loose ref file written directly in
+        the files backend (one per candidate, so no process), through git otherwise."""
+        if self._refs_dir is False:
+            storage = self.git("config", "--get", "extensions.refstorage", check=False)
+            path = Path(self.git("rev-parse", "--git-common-dir"))
+            path = path if path.is_absolute() else self.root / path
+            self._refs_dir = path if storage in ("", "files") else None
+        if self._refs_dir is None or not name.startswith("refs/overnight/"):
+            self.set_ref(name, sha)
+            return
+        path = self._refs_dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text(sha + "\n")
+        os.replace(tmp, path)
 
     def delete_ref(self, name: str) -> None:
         self.git("update-ref", "-d", name, check=False)
