@@ -262,6 +262,9 @@ def _sigterm(signum, frame) -> None:  # noqa: ANN001
 
 def main() -> None:
     signal.signal(signal.SIGTERM, _sigterm)  # a job system's stop is handled like Ctrl-C
+    # A shell starts background jobs with SIGINT ignored, and Python keeps that: a stop is
+    # a stop however the loop was started.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     app()
 
 

@@ -54,7 +54,9 @@ def parse_text(text: str) -> Metrics:
 
 
 def parse_log(path: Path, tail_bytes: int = 1 << 20) -> Metrics:
-    """Metrics from a log file; only its tail is read, where summaries live."""
+    """Metrics from a log file; only its tail is read, where summaries live. No log, none."""
+    if not path.exists():
+        return Metrics()
     with open(path, "rb") as f:
         f.seek(0, 2)
         size = f.tell()

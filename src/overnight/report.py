@@ -127,7 +127,9 @@ def status_view(ledger: Ledger, tag: str, objective: Objective) -> Group:
     if baseline:
         lines.append(Text(f"  baseline  #{baseline.id}  {objective.metric} "
                           f"{fmt_metric(baseline.metric)}"))
-    if best and baseline and best.metric is not None and baseline.metric is not None:
+    if best and baseline and best.id == baseline.id:
+        lines.append(Text("  best      the baseline: no improvement kept yet"))
+    elif best and baseline and best.metric is not None and baseline.metric is not None:
         pct = judge.improvement_pct(objective, baseline.metric, best.metric)
         lines.append(Text(f"  best      #{best.id}  {objective.metric} {fmt_metric(best.metric)}"
                           f"  ({pct:+.2f}% vs baseline, {len(keeps) - 1} kept improvements)",

@@ -326,6 +326,9 @@ class Loop:
     def _record(self, job: _Job, result: RunResult) -> None:
         """Judge a finished run; a would-be keep goes through the checks gate first."""
         row = job.row
+        if result.status == "lost" and result.reason.startswith("harness error"):
+            self._finish(row, result, judge.Decision("lost", None, None, result.reason), None)
+            raise OvernightError(f"experiment #{row.id} could not be run: {result.reason}")
         if result.tampered:
             self._tampered(row, result)
             return

@@ -226,9 +226,17 @@ class LocalExecutor(Executor):
             env.update(attest_env(req.attest_path, req.workdir, env.get("PYTHONPATH")))
         guard = RunGuard(self.repo, req.commit, req.workdir)
         with guard:
-            ran = self._spawn(req, self._argv(req, req.command, req.workdir), req.workdir,
-                              env, req.log_path, req.timeout_seconds, token)
-        result = self._result(req, ran, hardware)
+            ran = None
+            if not guard.tampered_before_launch:  # never run what is not the commit
+                guard.launching()
+                ran = self._spawn(req, self._argv(req, req.command, req.workdir), req.workdir,
+                                  env, req.log_path, req.timeout_seconds, token)
+        if ran is None:
+            now = time.time()
+            result = RunResult("crash", None, now, now, reason="not launched",
+                               hardware=hardware)
+        else:
+            result = self._result(req, ran, hardware)
         verdict = guard.verdict(req.attest_path if req.attest else None)
         result.integrity, result.tampered = verdict.report, verdict.summary
         result.runtime_knobs = verdict.runtime_knobs

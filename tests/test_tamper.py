@@ -1,0 +1,154 @@
+"""The linter story: something rewrites a constant between save and run. Every experiment it
+touches is `tampered`, explained in one line, never kept; the loop halts with exit code 3."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from conftest import create_repo, rows, spec_toml
+
+from overnight.guard import RunGuard
+from overnight.snapshot import Repo
+
+TAG = "t"
+
+# SCALAR_LR sits on line 8; the script sleeps so that a rewrite can land mid-run.
+TRAIN = """\
+import os
+import time
+
+LEARNING_RATE = 0.001
+PAUSE = 1.5
+print("training", flush=True)
+
+SCALAR_LR = 0.5
+time.sleep(PAUSE)
+loss = 1.0 + abs(LEARNING_RATE - 0.004) * 100 + SCALAR_LR
+print(f"val_loss: {loss:.6f}")
+"""
+
+# A formatter-like process: atomic rename (write a temp file, os.replace it onto the target).
+LINTER = textwrap.dedent("""\
+    import glob, os, sys, time
+    pattern, deadline = sys.argv[1], time.time() + float(sys.argv[2])
+    mid_run = sys.argv[3] == "1"  # wait until the run has printed something
+    while time.time() < deadline:
+        for path in glob.glob(pattern):
+            log = os.path.join(os.path.dirname(os.path.dirname(path)), "run.log")
+            if mid_run and not (os.path.exists(log) and os.path.getsize(log)):
+                continue
+            try:
+                text = open(path).read()
+            except OSError:
+                continue
+            if "SCALAR_LR = 0.5" in text:
+                tmp = path + ".fmt.tmp"
+                with open(tmp, "w") as f:
+                    f.write(text.replace("SCALAR_LR = 0.5", "SCALAR_LR = 0.3"))
+                os.replace(tmp, path)
+        time.sleep(0.05)
+""")
+
+
+def start_linter(tmp_path: Path, pattern: str, seconds: float = 60,
+                 mid_run: bool = False) -> subprocess.Popen:
+    script = tmp_path / "linter.py"
+    script.write_text(LINTER)
+    return subprocess.Popen([sys.executable, str(script), pattern, str(seconds),
+                             "1" if mid_run else "0"])
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    return create_repo(tmp_path / "r", {"train.py": TRAIN}, spec_toml("grid", timeout=20))
+
+
+@pytest.mark.parametrize("mid_run", [False, True], ids=["as-soon-as-it-can", "mid-run"])
+def test_linter_rewriting_run_directories_halts_the_loop(repo: Path, tmp_path: Path, cli,
+                                                         mid_run: bool):
+    linter = start_linter(tmp_path, str(repo / ".overnight/runs/*/*/work/train.py"),
+                          mid_run=mid_run)
+    try:
+        out = cli("run", "-t", TAG, "-n", "5", cwd=repo, timeout=120)
+    finally:
+        linter.kill()
+    assert out.returncode == 3, out.stdout + out.stderr
+    assert "SCALAR_LR = 0.5 -> 0.3" in out.stderr
+    assert "train.py:8" in out.stderr
+    rs = rows(repo, TAG)
+    assert [r["status"] for r in rs] == ["tampered", "tampered"]  # the first, and its retry
+    assert rs[1]["retry_of"] == rs[0]["id"]
+    for r in rs:
+        assert r["metric"] is None
+        assert "SCALAR_LR = 0.5 -> 0.3" in r["reason"]
+        assert ("after launch" if mid_run else "launch") in r["reason"]
+    show = cli("show", str(rs[0]["id"]), cwd=repo)
+    assert "train.py:8 SCALAR_LR = 0.5 -> 0.3" in show.stdout
+
+
+def test_on_tamper_continue_goes_on_without_counting_them(tmp_path: Path, cli):
+    toml = spec_toml("grid", timeout=20, extra_run='on_tamper = "continue"')
+    train = TRAIN.replace("PAUSE = 1.5", "PAUSE = 0.3")
+    repo = create_repo(tmp_path / "r", {"train.py": train}, toml)
+    out = cli("run", "-t", TAG, "-n", "2", cwd=repo, timeout=120)  # clean: baseline + one
+    assert out.returncode == 0, out.stderr
+    linter = start_linter(tmp_path, str(repo / ".overnight/runs/*/*/work/train.py"))
+    try:
+        out = cli("run", "-t", TAG, "-n", "5", cwd=repo, timeout=120)
+    finally:
+        linter.kill()
+    assert out.returncode == 0, out.stdout + out.stderr
+    rs = rows(repo, TAG)
+    late = [r for r in rs[2:]]
+    assert late and all(r["status"] == "tampered" for r in late)
+    assert all(r["metric"] is None for r in late)
+    kept = [r for r in rs if r["status"] == "keep"]
+    assert all(r["id"] <= rs[1]["id"] for r in kept)
+
+
+def test_linter_in_the_users_working_tree_does_not_matter(repo: Path, tmp_path: Path, cli):
+    linter = start_linter(tmp_path, str(repo / "train.py"))
+    try:
+        time.sleep(0.5)
+        assert "SCALAR_LR = 0.3" in (repo / "train.py").read_text()
+        # overnight refuses to start on uncommitted changes to editable files...
+        out = cli("run", "-t", TAG, "-n", "2", cwd=repo, timeout=60)
+        assert out.returncode == 2 and "uncommitted" in out.stderr
+    finally:
+        linter.kill()
+    subprocess.run(["git", "checkout", "train.py"], cwd=repo, check=True)
+    # ...and once running, rewrites of the working tree never reach a run.
+    linter = start_linter(tmp_path, str(repo / "train.py"))
+    try:
+        out = cli("run", "-t", TAG, "-n", "2", cwd=repo, timeout=60)
+    finally:
+        linter.kill()
+    assert out.returncode in (0, 2), out.stderr
+    if out.returncode == 2:  # the linter won the race against the start-up check
+        assert "uncommitted" in out.stderr
+        return
+    rs = rows(repo, TAG)
+    assert [r["status"] for r in rs] == ["keep", rs[1]["status"]]
+    assert rs[1]["status"] in ("keep", "discard")
+    assert rs[0]["metric"] == pytest.approx(1.3 + 0.5)  # SCALAR_LR 0.5 ran, as committed
+
+
+def test_rewrite_before_launch_is_caught_before_anything_runs(repo: Path, tmp_path: Path):
+    r = Repo(repo)
+    head = r.head()
+    work = tmp_path / "run" / "work"
+    r.materialize(head, work)
+    text = (work / "train.py").read_text()
+    tmp = work / "train.py.tmp"
+    tmp.write_text(text.replace("SCALAR_LR = 0.5", "SCALAR_LR = 0.3"))
+    tmp.replace(work / "train.py")
+    guard = RunGuard(r, head, work)
+    with guard:
+        assert guard.tampered_before_launch
+    verdict = guard.verdict(None)
+    assert verdict.summary == "train.py:8 SCALAR_LR = 0.5 -> 0.3 (file changed before launch)"
