@@ -3,6 +3,7 @@ touches is `tampered`, explained in one line, never kept; the loop halts with ex
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -152,3 +153,22 @@ def test_rewrite_before_launch_is_caught_before_anything_runs(repo: Path, tmp_pa
         assert guard.tampered_before_launch
     verdict = guard.verdict(None)
     assert verdict.summary == "train.py:8 SCALAR_LR = 0.5 -> 0.3 (file changed before launch)"
+
+
+def test_runtime_knob_values_are_recorded_and_a_changed_one_is_noted(tmp_path: Path, cli):
+    train = TRAIN.replace("PAUSE = 1.5", "PAUSE = 0.1").replace(
+        'print(f"val_loss',
+        'def scale():\n    global LEARNING_RATE\n    LEARNING_RATE *= 2  # changed at run time\n'
+        '\n\nscale()\nprint(f"val_loss')
+    repo = create_repo(tmp_path / "r", {"train.py": train}, spec_toml("grid"))
+    out = cli("run", "-t", TAG, "-n", "1", cwd=repo)
+    assert out.returncode == 0, out.stderr
+    row = rows(repo, TAG)[0]
+    ran = json.loads(row["runtime_knobs"])
+    assert ran["SCALAR_LR"] == 0.5 and ran["PAUSE"] == 0.1
+    assert ran["LEARNING_RATE"] == 0.002  # what really ran, not what the file says
+    assert row["status"] == "keep"  # a script may compute its constants: noted, not tampering
+    show = cli("show", str(row["id"]), cwd=repo).stdout
+    assert "LEARNING_RATE = 0.001 in the commit but 0.002 at run time" in show
+    exported = cli("export", "--format", "jsonl", cwd=repo).stdout
+    assert json.loads(exported.splitlines()[0])["runtime_knobs"]["LEARNING_RATE"] == 0.002

@@ -88,7 +88,9 @@ class RunGuard:
                                  "process was killed before it started)")
             return
         main = records[0]
-        verdict.runtime_knobs = main.get("knobs") or {}
+        raw = main.get("knobs") or {}  # name -> {"type": ..., "value": ...}
+        verdict.runtime_knobs = {k: v.get("value") if isinstance(v, dict) else v
+                                 for k, v in raw.items()}
         for record in records:
             sources = dict(record.get("modules") or {})
             if record.get("main", {}).get("path"):

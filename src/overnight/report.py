@@ -164,6 +164,22 @@ def show_view(row: Row, objective: Objective, diff: str, log_lines: int = 20) ->
         out.append(Text(f"  metrics      {shown}"))
     if row.knobs:
         out.append(Text("  knobs        " + ", ".join(f"{k}={v}" for k, v in row.knobs.items())))
+    if row.runtime_knobs:
+        shown = ", ".join(f"{k}={v}" for k, v in row.runtime_knobs.items())
+        out.append(Text(f"  ran with     {shown}"))
+    integrity = row.integrity or {}
+    if integrity.get("problems"):
+        for problem in integrity["problems"]:
+            out.append(Text(f"  TAMPERED     {problem}", style="bold red"))
+    elif integrity:
+        outputs = integrity.get("n_outputs", 0)
+        out.append(Text(f"  integrity    what ran is what was committed ({outputs} output "
+                        "file(s) written)", style="green"))
+    for note in integrity.get("notes", []):
+        out.append(Text(f"  note         {note}", style="yellow"))
+    if integrity.get("watch_unavailable"):
+        out.append(Text(f"  note         live watch: {integrity['watch_unavailable']}",
+                        style="yellow"))
     if row.duration_s is not None:
         mem = f"{row.memory_gb:.2f} GB" if row.memory_gb is not None else "-"
         out.append(Text(f"  timings      ran {row.duration_s:.1f}s, exit {row.returncode}, "
