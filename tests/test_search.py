@@ -13,7 +13,6 @@ from optuna.trial import TrialState
 
 from overnight.errors import ConfigError
 from overnight.knobs import list_knobs, read_knobs
-from overnight.proposers import make_proposer
 from overnight.proposers.base import Context, Experiment, Proposal
 from overnight.proposers.search import SearchProposer
 from overnight.spec import Spec, parse_spec
@@ -247,7 +246,7 @@ def test_int_knob_read_back_as_float_from_the_ledger_stays_int() -> None:
     ctx = first_context(files, direction="higher")
     incumbent = replace(ctx.incumbent, knobs={**ctx.incumbent.knobs, "BATCH_SIZE": 32.0})
     ctx = replace(ctx, incumbent=incumbent, history=[incumbent])
-    proposer = make_proposer(make_spec(strategy="grid", knobs=["BATCH_SIZE"]), files)
+    proposer = SearchProposer(make_spec(strategy="grid", knobs=["BATCH_SIZE"]), files)
 
     proposal = proposer.propose(ctx)
 

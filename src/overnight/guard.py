@@ -92,12 +92,17 @@ class RunGuard:
         verdict.runtime_knobs = {k: v.get("value") if isinstance(v, dict) else v
                                  for k, v in raw.items()}
         for record in records:
-            sources = dict(record.get("modules") or {})
+            sources = [(rel, d) for rel, d in (record.get("modules") or {}).items()]
+            # A module imported again with other bytes: every version that ran must match.
+            sources += [(rel, d) for rel, ds in (record.get("reloads") or {}).items() for d in ds]
             if record.get("main", {}).get("path"):
-                sources[record["main"]["path"]] = record["main"].get("sha256")
+                sources.append((record["main"]["path"], record["main"].get("sha256")))
             if record.get("main", {}).get("unchanged_at_exit") is False:
                 report.problems.append(f"{record['main']['path']} changed while it ran")
-            for rel, digest in sources.items():
+            if not record.get("main", {}).get("exact", True):
+                verdict.notes.append("this interpreter ran the script itself: its hash is of "
+                                     "the bytes at start-up, checked again at exit")
+            for rel, digest in sources:
                 entry = self.manifest.entries.get(rel)
                 if entry is None:
                     report.problems.append(f"{rel} ran but is not part of the commit "

@@ -44,11 +44,21 @@ CREATE TABLE IF NOT EXISTS experiments (
     kept_commit   TEXT,
     runtime_knobs TEXT NOT NULL DEFAULT '{}',
     integrity     TEXT NOT NULL DEFAULT '{}',
+    fingerprint   TEXT NOT NULL DEFAULT '',
+    tokens_in     INTEGER NOT NULL DEFAULT 0,
+    tokens_out    INTEGER NOT NULL DEFAULT 0,
+    cost_usd      REAL NOT NULL DEFAULT 0,
     created_at    REAL NOT NULL,
     started_at    REAL,
     finished_at   REAL
 );
 CREATE INDEX IF NOT EXISTS experiments_tag ON experiments(tag, status);
+CREATE TABLE IF NOT EXISTS notes (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    tag           TEXT,
+    ts            REAL NOT NULL,
+    text          TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS events (
     id            INTEGER PRIMARY KEY AUTOINCREMENT,
     tag           TEXT NOT NULL,
@@ -87,6 +97,10 @@ class Row:
     kept_commit: str | None
     runtime_knobs: dict[str, object]  # knob values the attestation saw at exit: what really ran
     integrity: dict  # the tamper report of the run
+    fingerprint: str  # normalized content of the editable files: duplicates have equal ones
+    tokens_in: int  # what proposing it cost
+    tokens_out: int
+    cost_usd: float
     created_at: float
     started_at: float | None
     finished_at: float | None
@@ -120,6 +134,10 @@ _JSON_COLUMNS = ("knobs", "metrics", "runtime_knobs", "integrity")
 _ADDED_COLUMNS = {
     "runtime_knobs": "TEXT NOT NULL DEFAULT '{}'",
     "integrity": "TEXT NOT NULL DEFAULT '{}'",
+    "fingerprint": "TEXT NOT NULL DEFAULT ''",
+    "tokens_in": "INTEGER NOT NULL DEFAULT 0",
+    "tokens_out": "INTEGER NOT NULL DEFAULT 0",
+    "cost_usd": "REAL NOT NULL DEFAULT 0",
 }
 _COLUMNS = [f.name for f in fields(Row) if f.name != "extra"]
 
@@ -228,6 +246,24 @@ class Ledger:
         rows = self.db.execute(
             "SELECT tag, MAX(id) AS last FROM experiments GROUP BY tag ORDER BY last")
         return [r["tag"] for r in rows]
+
+    def add_note(self, text: str, tag: str | None = None) -> int:
+        """A steering note from the user, for the proposer (tag None: every tag)."""
+        cur = self.db.execute("INSERT INTO notes (tag, ts, text) VALUES (?, ?, ?)",
+                              (tag, time.time(), text))
+        return int(cur.lastrowid)
+
+    def notes(self, tag: str) -> list[str]:
+        rows = self.db.execute("SELECT text FROM notes WHERE tag IS NULL OR tag = ? ORDER BY id",
+                               (tag,))
+        return [r["text"] for r in rows]
+
+    def spend(self, tag: str) -> tuple[int, int, float]:
+        """Tokens in, tokens out and dollars spent on proposals for a tag."""
+        r = self.db.execute(
+            "SELECT COALESCE(SUM(tokens_in), 0), COALESCE(SUM(tokens_out), 0), "
+            "COALESCE(SUM(cost_usd), 0) FROM experiments WHERE tag = ?", (tag,)).fetchone()
+        return int(r[0]), int(r[1]), float(r[2])
 
     def events(self, tag: str) -> list[dict]:
         rows = self.db.execute("SELECT * FROM events WHERE tag = ? ORDER BY id", (tag,))

@@ -36,7 +36,8 @@ def run_loop(ws: Workspace, console: Console, tag: str | None = None,
                       "cleanly and the same command resumes")
         reporter = ConsoleReporter(console, ledger, spec.objective, tag, max_experiments)
         loop = Loop(ws.repo, spec, ledger, executor, tag,
-                    proposer_factory=lambda files: make_proposer(spec, files),
+                    proposer_factory=lambda files: make_proposer(
+                        spec, files, ws.repo, ws.state / "scratch"),
                     max_experiments=max_experiments, reporter=reporter,
                     runs_root=ws.state / "runs")
         try:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import threading
+import time
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,7 @@ from overnight.executors.base import CheckResult, Executor, RunRequest, RunResul
 from overnight.knobs import read_knobs
 from overnight.ledger import Ledger, Row
 from overnight.metrics import tail
-from overnight.proposers.base import Context, Experiment, Proposal, Proposer
+from overnight.proposers.base import Context, Experiment, Proposal, Proposer, fingerprint
 from overnight.snapshot import Repo, branch_ref, candidate_ref
 from overnight.spec import Spec
 
@@ -75,6 +77,10 @@ class Loop:
         # This tag's rows, refreshed after every write: one loop per tag (a lock), so the
         # cache is the ledger, without rereading the whole history for every proposal.
         self._rows: dict[int, Row] = {}
+        self._ready: list[Row] = []  # candidates committed and waiting for a slot
+        self._proposing: dict[Future, Context] = {}  # proposals being prepared on threads
+        self._stop: str | None = None  # why no more proposals are asked for
+        self._rejected_in_a_row = 0
 
     # -- the main path -----------------------------------------------------------
 
@@ -96,37 +102,78 @@ class Loop:
             return Outcome(self.tag, self._counted(), interrupted, why)
 
     def _loop(self) -> str:
-        rejected_in_a_row = 0
-        exhausted = False
         while True:
-            while self._free_slots and not exhausted and not self._reached_max():
-                if self._drain():
-                    continue  # a finished run is recorded before anything new is launched
-                if self._redo:
-                    first = self._redo.pop(0)
-                    self._launch(first if first.status == "queued" else self._retry_row(first))
-                    continue
-                if self._baseline_pending():
-                    break  # nothing is proposed until the baseline has a number
-                row = self._next_candidate()
-                if row is None:
-                    exhausted = True
-                elif row.status == "rejected":
-                    rejected_in_a_row += 1
-                    if rejected_in_a_row >= MAX_REJECTED_IN_A_ROW:
-                        exhausted = True
-                        self.report.note(f"{MAX_REJECTED_IN_A_ROW} proposals in a row were "
-                                         "rejected; stopping")
-                else:
-                    rejected_in_a_row = 0
-                    self._launch(row)
-            if not self._pending:
-                break
-            wait(list(self._pending), return_when=FIRST_COMPLETED)
             self._drain()
+            self._collect_proposals()
+            self._fill_slots()
+            self._request_proposals()
+            if not self._pending and not self._proposing:
+                if self._ready and self._free_slots and not self._reached_max():
+                    continue
+                break
+            wait([*self._pending, *self._proposing], return_when=FIRST_COMPLETED)
+        self._drop_unrun()
         if self._reached_max():
             return f"reached {self.max} experiments"
-        return "the proposer has nothing new to try" if exhausted else "done"
+        return self._stop or "done"
+
+    def _fill_slots(self) -> None:
+        """Free slots take, in order: redone work, prepared candidates, fresh proposals."""
+        while self._free_slots and not self._reached_max():
+            if self._drain():
+                continue  # a finished run is recorded before anything new is launched
+            if self._redo:
+                first = self._redo.pop(0)
+                self._launch(first if first.status == "queued" else self._retry_row(first))
+                continue
+            if self._baseline_pending():
+                return  # nothing is proposed until the baseline has a number
+            if self._ready:
+                self._launch(self._ready.pop(0))
+                continue
+            if self._stop or self.proposer is None or self.proposer.slow:
+                return
+            ctx = self._context()  # a fast proposer (search) proposes right here
+            row = self._accept(self.proposer.propose(ctx), ctx)
+            if row is not None and row.status == "queued":
+                self._launch(row)
+
+    def _request_proposals(self) -> None:
+        """Slow proposers (a model, an agent) work ahead on threads so slots never wait."""
+        if self._stop or self.proposer is None or not self.proposer.slow:
+            return
+        if self._baseline_pending():
+            return
+        want = len(self._free_slots) + self.spec.proposer.prefetch
+        want -= len(self._ready) + len(self._proposing)
+        if self.max is not None:
+            planned = self._counted() + len(self._pending) + len(self._ready)
+            want = min(want, self.max - planned - len(self._proposing))
+        for _ in range(max(0, want)):
+            ctx = self._context()
+            self._proposing[_in_thread(self.proposer.propose, ctx)] = ctx
+
+    def _collect_proposals(self) -> None:
+        for fut in [f for f in self._proposing if f.done()]:
+            ctx = self._proposing.pop(fut)
+            try:
+                proposal = fut.result()
+            except ConfigError:
+                raise  # a wrong key or model: every later proposal would fail the same way
+            except Exception as e:  # noqa: BLE001 - a failed request is recorded, the loop goes on
+                proposal = Proposal(parent=ctx.incumbent.commit, edits={}, description="",
+                                    rejected=f"the proposer failed: {e}")
+            row = self._accept(proposal, ctx)
+            if row is not None and row.status == "queued":
+                self._ready.append(row)
+
+    def _drop_unrun(self) -> None:
+        """Candidates prepared but never launched are lost: a later run redoes them."""
+        for row in self._ready:
+            self.ledger.update(row.id, status="lost", reason="not run: the loop stopped",
+                               finished_at=time.time())
+            self._get(row.id)
+        self._ready.clear()
 
     def _drain(self) -> bool:
         """Record every finished run or check; True if there was any."""
@@ -185,7 +232,8 @@ class Loop:
         self.repo.set_ref(branch_ref(self.tag), head)
         rid = self.ledger.insert(self.tag, "queued", is_baseline=1, commit_sha=head,
                                  description="baseline", proposer="baseline",
-                                 knobs=self._knobs_of(head), kept_commit=head)
+                                 knobs=self._knobs_of(head), kept_commit=head,
+                                 fingerprint=fingerprint(self._files(head)))
         return self._get(rid)
 
     def _repair_refs(self, rows: list[Row]) -> None:
@@ -221,6 +269,7 @@ class Loop:
             is_baseline=int(lost.is_baseline), description=lost.description,
             hypothesis=lost.hypothesis, proposer=lost.proposer, knobs=lost.knobs,
             retry_of=lost.id, kept_commit=lost.kept_commit if lost.is_baseline else None,
+            fingerprint=lost.fingerprint,
         )
         self.repo.pin(candidate_ref(self.tag, new_id), lost.commit_sha)
         return self._get(new_id)
@@ -229,36 +278,67 @@ class Loop:
 
     def _context(self) -> Context:
         inc = self._incumbent()
-        history = [_experiment(r) for _, r in sorted(self._rows.items())]
+        rows = [r for _, r in sorted(self._rows.items())]
+        failed = [r.id for r in rows if r.status in ("crash", "timeout")][-10:]
+        history = [_experiment(r, with_log=r.id in failed) for r in rows]
+        objective = self.spec.objective
         return Context(
             incumbent=_experiment(inc),
             files=self._files(inc.commit_sha),
             history=history,
             in_flight=[e for e in history if e.status in ("queued", "running")],
-            direction=self.spec.objective.direction,
+            direction=objective.direction,
             slots=self.executor.slots,
+            metric=objective.metric,
+            min_delta=objective.min_delta,
+            budget_seconds=self.spec.run.budget_seconds,
+            hardware=getattr(self.executor, "hardware", ""),
+            program=self._program(),
+            protected=tuple(self.spec.files.protected),
+            notes=tuple(self.ledger.notes(self.tag)),
+            tried=frozenset(r.fingerprint for r in rows if r.fingerprint),
         )
 
-    def _next_candidate(self) -> Row | None:
-        if self.proposer is None:
-            return None
-        ctx = self._context()
-        proposal = self.proposer.propose(ctx)
+    def _program(self) -> str:
+        """program.md as the user has it now: editing it steers the next proposals."""
+        path = self.repo.root / self.spec.proposer.program
+        try:
+            return path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def _by_fingerprint(self) -> dict[str, int]:
+        return {r.fingerprint: r.id for _, r in sorted(self._rows.items(), reverse=True)
+                if r.fingerprint}
+
+    def _accept(self, proposal: Proposal | None, ctx: Context) -> Row | None:
+        """Check a proposal and turn it into a candidate commit (queued) or a rejected row."""
         if proposal is None:
+            self._stop = "the proposer has nothing new to try"
             return None
-        problem = self._check(proposal, ctx)
+        name = self.proposer.name if self.proposer else ""
+        usage = dict(tokens_in=proposal.usage.tokens_in, tokens_out=proposal.usage.tokens_out,
+                     cost_usd=proposal.usage.cost_usd)
+        problem = proposal.rejected or self._check(proposal, ctx)
         if problem:
             rid = self.ledger.insert(
                 self.tag, "rejected", parent=proposal.parent, description=proposal.description,
-                hypothesis=proposal.hypothesis, proposer=self.proposer.name,
-                knobs=proposal.knobs, reason=problem,
+                hypothesis=proposal.hypothesis, proposer=name, knobs=proposal.knobs,
+                reason=problem, **usage,
             )
             row = self._get(rid)
             self.report.finished(row, self._incumbent(), self._counted())
+            self._rejected_in_a_row += 1
+            if self._rejected_in_a_row >= MAX_REJECTED_IN_A_ROW:
+                self._stop = f"{MAX_REJECTED_IN_A_ROW} proposals in a row were rejected"
+            self._check_spend()
             return row
+        self._rejected_in_a_row = 0
+        files = {**self._files(proposal.parent), **proposal.edits}
         rid = self.ledger.insert(
             self.tag, "queued", parent=proposal.parent, description=proposal.description,
-            hypothesis=proposal.hypothesis, proposer=self.proposer.name, knobs=proposal.knobs,
+            hypothesis=proposal.hypothesis, proposer=name, knobs=proposal.knobs,
+            fingerprint=fingerprint(files), **usage,
         )
         message = f"{proposal.description}\n\n"
         if proposal.hypothesis:
@@ -267,34 +347,54 @@ class Loop:
         sha = self.repo.commit_candidate(proposal.parent, proposal.edits, message)
         self.ledger.update(rid, commit_sha=sha)
         self.repo.pin(candidate_ref(self.tag, rid), sha)
+        for note in proposal.notes:
+            self.report.note(f"#{rid}: {note}")
+        self._check_spend()
         return self._get(rid)
+
+    def _check_spend(self) -> None:
+        cap = self.spec.proposer.max_cost_usd
+        if cap is None:
+            return
+        spent = self.ledger.spend(self.tag)[2]
+        if spent >= cap:
+            self._stop = f"the proposer spent ${spent:.2f}, the max_cost_usd cap is ${cap:.2f}"
 
     def _check(self, p: Proposal, ctx: Context) -> str | None:
         """Why a proposal must not run, or None. Nothing is spent on a rejected proposal."""
-        if p.parent != ctx.incumbent.commit:
-            return f"stale parent {p.parent[:10]}: the incumbent is {ctx.incumbent.commit[:10]}"
+        # Compare-and-swap: the edits must apply to exactly the tree they name, one that was
+        # an incumbent of this tag (a prefetched proposal may name a former one).
+        known = {r.commit_sha for r in self._rows.values() if r.status == "keep"}
+        if p.parent not in known:
+            return f"stale parent {p.parent[:10]}: not an incumbent of tag {self.tag}"
+        base = self._files(p.parent)
         files = self.spec.files
         for path in p.edits:
             if path in files.protected:
                 return f"edits {path}, which is protected"
             if path not in files.editable:
                 return f"edits {path}, which is not in [files] editable"
-        changed = {path: text for path, text in p.edits.items() if ctx.files.get(path) != text}
+        changed = {path: text for path, text in p.edits.items() if base.get(path) != text}
         if not changed:
             return "changes nothing"
+        same = self._by_fingerprint().get(fingerprint({**base, **p.edits}))
+        if same is not None:
+            return f"duplicate of experiment #{same}: the same files were already tried"
         for path, text in changed.items():
-            problem = regions.check_edit(path, ctx.files.get(path, ""), text)
+            problem = regions.check_edit(path, base.get(path, ""), text)
             if problem:
                 return problem
         bounds = self.spec.search.bounds
         if bounds:
             try:
-                knobs = read_knobs({**ctx.files, **p.edits})
+                knobs = read_knobs({**base, **p.edits})
+                parent_knobs = read_knobs(base)
             except OvernightError as e:
                 return f"cannot read knobs: {e}"
             for name, (lo, hi) in bounds.items():
                 k = knobs.get(name)
-                unchanged = k is not None and k.value == ctx.incumbent.knobs.get(name)
+                before = parent_knobs.get(name)
+                unchanged = k is not None and before is not None and k.value == before.value
                 if k is not None and not lo <= k.value <= hi and not unchanged:
                     return f"{name} = {k.value:g} is outside its bounds [{lo:g}, {hi:g}]"
         return None
@@ -508,11 +608,29 @@ class _Job:
     result: RunResult | None = None
 
 
-def _experiment(r: Row) -> Experiment:
+def _experiment(r: Row, with_log: bool = False) -> Experiment:
+    log = tail(Path(r.log_path), 30) if with_log and r.log_path else ""
     return Experiment(
         id=r.id, commit=r.commit_sha or "", parent=r.parent, status=r.status,
         metric=r.metric, description=r.description, knobs=r.knobs, is_baseline=r.is_baseline,
+        hypothesis=r.hypothesis, delta=r.delta, reason=r.reason,
+        runtime_knobs=r.runtime_knobs, log_tail=log, fingerprint=r.fingerprint,
     )
+
+
+def _in_thread(fn, *args) -> Future:  # noqa: ANN001
+    """Run fn on a daemon thread: a model still answering never holds up the exit."""
+    fut: Future = Future()
+    fut.set_running_or_notify_cancel()
+
+    def work() -> None:
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as e:  # noqa: BLE001 - handed to whoever reads the future
+            fut.set_exception(e)
+
+    threading.Thread(target=work, daemon=True, name="overnight-proposer").start()
+    return fut
 
 
 class _TagLock:

@@ -87,7 +87,34 @@ class Files(_Section):
 
 
 class Proposer(_Section):
-    kind: Literal["search"] = "search"
+    kind: Literal["search", "llm", "agent"] = "search"
+    prefetch: int = Field(default=1, ge=0)  # proposals prepared ahead of free slots
+    program: str = "program.md"  # research instructions for llm and agent proposers
+    max_cost_usd: float | None = Field(default=None, gt=0)  # stop cleanly past this spend
+
+
+class LLM(_Section):
+    """A chat model: OpenAI's chat-completions API (vLLM, llama.cpp, Ollama, hosted) or
+    Anthropic's messages API."""
+
+    provider: Literal["openai", "anthropic"] = "openai"
+    model: str = Field(min_length=1)
+    base_url: str | None = None  # default: $OPENAI_BASE_URL, or the provider's own
+    temperature: float = Field(default=0.7, ge=0, le=2)
+    max_tokens: int = Field(default=4096, gt=0)
+    context_tokens: int = Field(default=128_000, gt=1000)  # what the prompt may use
+    timeout_seconds: float = Field(default=300, gt=0)
+    retries: int = Field(default=5, ge=0)  # on 429, 5xx and dropped connections, with backoff
+    answer_tries: int = Field(default=3, ge=1)  # malformed answers sent back with the error
+    price_input_per_mtok: float = Field(default=0.0, ge=0)  # dollars per million tokens
+    price_output_per_mtok: float = Field(default=0.0, ge=0)
+
+
+class Agent(_Section):
+    """An external coding agent run as a command in a scratch worktree at the parent."""
+
+    command: str = Field(min_length=1)  # e.g. "claude -p {prompt}"; {prompt} is shell-quoted
+    timeout_seconds: float = Field(default=900, gt=0)
 
 
 class Search(_Section):
@@ -112,6 +139,17 @@ class Spec(_Section):
     proposer: Proposer = Field(default_factory=Proposer)
     search: Search = Field(default_factory=Search)
     evaluate: Evaluate | None = None
+    llm: LLM | None = None
+    agent: Agent | None = None
+
+    @model_validator(mode="after")
+    def _proposer_configured(self) -> Spec:
+        if self.proposer.kind == "llm" and self.llm is None:
+            raise ValueError('[proposer] kind = "llm" needs an [llm] section with a model')
+        if self.proposer.kind == "agent" and self.agent is None:
+            raise ValueError('[proposer] kind = "agent" needs an [agent] section with a '
+                             'command, e.g. command = "claude -p {prompt}"')
+        return self
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:

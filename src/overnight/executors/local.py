@@ -115,6 +115,11 @@ class LocalExecutor(Executor):
             for slot, g in enumerate(self.gpus or [None] * slots)
         }
 
+    @property
+    def hardware(self) -> str:
+        """What the slots run on, in words, e.g. 'NVIDIA H100 80GB HBM3 (gpu 0), ...'."""
+        return ", ".join(dict.fromkeys(self._hardware.values()))
+
     def submit(self, request: RunRequest) -> Future[RunResult]:
         return self._pool.submit(self._run_safely, request)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -13,11 +14,17 @@ class Experiment:
     id: int
     commit: str
     parent: str | None
-    status: str  # queued running keep discard crash timeout rejected lost ...
+    status: str  # queued running keep discard crash timeout tampered rejected lost ...
     metric: float | None
     description: str
     knobs: dict[str, float | int]  # knob values of the candidate (what was proposed)
     is_baseline: bool = False
+    hypothesis: str = ""
+    delta: float | None = None  # metric - incumbent's at the time it was judged
+    reason: str = ""  # why it crashed, was rejected, ...
+    runtime_knobs: dict[str, object] = field(default_factory=dict)  # what really ran
+    log_tail: str = ""  # the end of the log, for crashes and timeouts
+    fingerprint: str = ""  # normalized content of the editable files (see `fingerprint`)
 
 
 @dataclass(frozen=True)
@@ -30,24 +37,73 @@ class Context:
     in_flight: list[Experiment]  # queued or running right now
     direction: str  # "lower" | "higher"
     slots: int  # how many experiments can run at once
+    metric: str = ""  # the objective's name
+    min_delta: float = 0.0
+    budget_seconds: float = 0.0
+    hardware: str = ""  # e.g. "NVIDIA H100 80GB HBM3 (gpu 0)"
+    program: str = ""  # program.md: the user's research instructions
+    protected: tuple[str, ...] = ()  # files nobody may edit
+    notes: tuple[str, ...] = ()  # what the user said with `overnight steer`
+    tried: frozenset[str] = frozenset()  # fingerprints of every candidate proposed so far
+
+    def is_duplicate(self, edits: dict[str, str]) -> bool:
+        """True if these edits on the incumbent give files that were already tried."""
+        return fingerprint({**self.files, **edits}) in self.tried
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What a proposal cost: tokens in and out, and dollars when prices are known."""
+
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cost_usd: float = 0.0
+    requests: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(self.tokens_in + other.tokens_in, self.tokens_out + other.tokens_out,
+                     self.cost_usd + other.cost_usd, self.requests + other.requests)
 
 
 @dataclass(frozen=True)
 class Proposal:
-    """A change to try: new full text for some editable files, on top of `parent`."""
+    """A change to try: new full text for some editable files, on top of `parent`.
+
+    A proposer that could not produce a valid change (a malformed answer after every retry,
+    say) returns a Proposal with `rejected` set: it is recorded, nothing runs.
+    """
 
     parent: str  # commit the edits apply to
     edits: dict[str, str]  # path -> new full text
     description: str
     hypothesis: str = ""
     knobs: dict[str, float | int] = field(default_factory=dict)  # full knob values after edits
+    usage: Usage = field(default_factory=Usage)
+    rejected: str = ""  # why the proposer gave up; the proposal is recorded, never run
+    notes: tuple[str, ...] = ()  # e.g. files an agent changed outside its scope
 
 
 class Proposer(ABC):
     """Small interface: state lives in the ledger (Context), never only in memory."""
 
     name: str = "proposer"
+    # Proposals are slow (a model) or fast (a search): slow ones are prepared ahead of free
+    # slots, on threads, so that a slot never waits for the model.
+    slow: bool = False
 
     @abstractmethod
     def propose(self, ctx: Context) -> Proposal | None:
         """The next candidate, or None when there is nothing new left to try."""
+
+
+def normalize(text: str) -> str:
+    """Text as far as a duplicate check cares: no trailing spaces, no trailing blank lines."""
+    return "\n".join(line.rstrip() for line in text.rstrip().splitlines())
+
+
+def fingerprint(files: dict[str, str]) -> str:
+    """One id for a set of editable files: equal for edits that differ only in whitespace."""
+    h = hashlib.sha256()
+    for path in sorted(files):
+        h.update(path.encode() + b"\0" + normalize(files[path]).encode() + b"\0")
+    return h.hexdigest()[:32]
