@@ -1,0 +1,629 @@
+"""The harness's own time per experiment: overnight vs a hand-written karpathy-style shell loop.
+
+For a trivial workload (bench/workload/: val_loss from three knobs, a few ms of work), measure
+per experiment
+
+- dispatch: the slot is free (the previous experiment on it is recorded) until the next
+  experiment's process starts;
+- record: the experiment's process exits until its result is recorded (ledger row final,
+  reporter told: the loop is ready for the next thing);
+
+for overnight at --parallel 1 and 4 (the `Loop` driven from Python exactly as `overnight run`
+wires it, with timing wrappers around the executor, ledger, repo and reporter: src/ is not
+touched) and for a bash loop (sed the constants, `git commit -am`, run the command > log, grep
+the metric, `git reset --hard HEAD~1` if not better, append to results.tsv) on an identical
+fresh repository. The workload itself appends its start and exit instants to $BENCH_TIMES, so
+both sides are timed by the same clock at the same points.
+
+    python bench/overhead.py                  # 200 experiments per variant
+    python bench/overhead.py --n 20           # a quick look
+    python bench/overhead.py --rounds 3       # each variant 3 times, interleaved, pooled
+    python bench/overhead.py --profile        # plus cProfile of overnight's loop
+    python bench/overhead.py --work-seconds 1 --parallel 1 --n 30   # runs that take a while
+    python bench/overhead.py --pad-lines 600 --parallel 1 --n 40    # a train.py of real length
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import math
+import os
+import platform
+import pstats
+import random
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+
+from overnight.executors.base import RunRequest, RunResult
+from overnight.executors.local import LocalExecutor
+from overnight.knobs import format_value
+from overnight.ledger import FINAL, Ledger, Row
+from overnight.proposers import make_proposer
+from overnight.report import ConsoleReporter
+from overnight.scheduler import Loop
+from overnight.snapshot import Repo
+from overnight.spec import Spec, parse_spec
+from overnight.workspace import Workspace
+
+WORKLOAD = Path(__file__).resolve().parent / "workload"
+TARGET_MS = 50.0  # the issue's target for the median overhead per experiment
+
+# Searched knobs and bounds: wide, log-uniform, 4 significant digits -> never runs dry.
+BOUNDS = {
+    "LEARNING_RATE": (1e-5, 1e-1),
+    "WEIGHT_DECAY": (1e-4, 1.0),
+    "WARMUP_RATIO": (1e-3, 0.5),
+}
+
+GIT_IDENTITY = {
+    "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost",
+    "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@localhost",
+}
+
+
+# -- timing records --------------------------------------------------------------------------
+
+@dataclass
+class Exp:
+    """Instants (time.time()) of one experiment."""
+
+    key: str
+    slot: int = 0
+    status: str = ""
+    start: float = 0.0  # the workload's first instruction
+    exit: float = 0.0  # the workload's last instruction
+    recorded: float = 0.0  # result recorded, loop free again: the slot is free from here
+    marks: dict[str, float] = field(default_factory=dict)  # variant-specific sub-phases
+
+
+@dataclass
+class Variant:
+    name: str
+    slots: int
+    wall_s: float
+    exps: list[Exp]  # in the order they ran
+    dispatch_phases: list[str]  # names of marks splitting [slot free, start]
+    record_phases: list[str]  # names of marks splitting [exit, recorded]
+    git_calls: Counter = field(default_factory=Counter)
+    git_seconds: float = 0.0
+    profile: str = ""
+
+
+def read_times(path: Path) -> list[tuple[str, float, float]]:
+    out = []
+    for line in path.read_text().splitlines():
+        key, t0, t1 = line.split()
+        out.append((key, float(t0), float(t1)))
+    return out
+
+
+# -- the workload repository -----------------------------------------------------------------
+
+def make_repo(root: Path, pad_lines: int = 0) -> None:
+    root.mkdir(parents=True)
+    for name in ("train.py", "run.sh"):
+        shutil.copy(WORKLOAD / name, root / name)
+    if pad_lines:
+        with open(root / "train.py", "a") as f:
+            f.write(padding(pad_lines))
+    env = {**os.environ, **GIT_IDENTITY}
+    for args in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", "workload"]):
+        subprocess.run(["git", *args], cwd=root, check=True, env=env)
+
+
+def padding(lines: int) -> str:
+    """Model-like code that is defined but never called: a train.py as long as a real one
+    (hundreds of lines), for what reading and rewriting its knobs costs the harness."""
+    out = ["\n\n# -- bench --pad-lines: code the workload never calls --\n"]
+    i = 0
+    while sum(s.count("\n") for s in out) < lines:
+        out.append(
+            f"\n\ndef block_{i}(x, w, b, eps=1e-5):\n"
+            f"    h = [xi * wi + b for xi, wi in zip(x, w)]  # a linear layer, by hand\n"
+            f"    m = sum(h) / len(h)\n"
+            f"    v = sum((hi - m) ** 2 for hi in h) / len(h)\n"
+            f"    return [(hi - m) / math.sqrt(v + eps) for hi in h]\n"
+        )
+        i += 1
+    return "".join(out)
+
+
+def workload_command(kind: str) -> str:
+    if kind == "sh":
+        return "bash run.sh"
+    return f"{shlex.quote(sys.executable)} -S train.py"
+
+
+# -- overnight, instrumented from the outside ------------------------------------------------
+
+class Clock:
+    """Per-experiment instants, written from the loop and the slot threads."""
+
+    def __init__(self) -> None:
+        self.marks: dict[int, dict[str, float]] = defaultdict(dict)
+        self.info: dict[int, dict] = defaultdict(dict)
+        self.lock = threading.Lock()
+
+    def mark(self, eid: int, name: str, t: float | None = None) -> None:
+        with self.lock:
+            self.marks[eid].setdefault(name, time.time() if t is None else t)
+
+
+class TimedLedger(Ledger):
+    """The real ledger; notes when an experiment's final status is committed."""
+
+    def __init__(self, path: Path, clock: Clock):
+        super().__init__(path)
+        self.clock = clock
+
+    def update(self, experiment_id: int, **values) -> None:
+        super().update(experiment_id, **values)
+        if values.get("status") in FINAL:
+            self.clock.mark(experiment_id, "ledger")
+
+
+class CountingRepo(Repo):
+    """The real git plumbing; counts and times the git processes it starts, per subcommand."""
+
+    def __init__(self, root: Path):
+        super().__init__(root)
+        self.calls: Counter = Counter()
+        self.seconds = 0.0
+        self._lock = threading.Lock()
+        self._local = threading.local()  # git() calls made inside the current outer call
+
+    def _timed(self, name: str, call, *args, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        outer = not getattr(self._local, "depth", 0)
+        if outer:
+            self._local.inner = 0
+        self._local.depth = getattr(self._local, "depth", 0) + 1
+        t0 = time.perf_counter()
+        try:
+            return call(*args, **kw)
+        finally:
+            self._local.depth -= 1
+            is_git = name.startswith("git ")
+            with self._lock:
+                if is_git or not self._local.inner:  # read_files, materialize: their own process
+                    self.calls[name.removeprefix("git ")] += 1
+                if outer:
+                    self.seconds += time.perf_counter() - t0
+            if is_git:
+                self._local.inner += 1
+
+    def git(self, *args: str, **kw) -> str:  # noqa: ANN003
+        return self._timed(f"git {args[0]}", super().git, *args, **kw)
+
+    def read_files(self, *args, **kw) -> dict[str, str]:  # noqa: ANN002, ANN003
+        return self._timed("cat-file --batch", super().read_files, *args, **kw)
+
+    def materialize(self, *args, **kw) -> None:  # noqa: ANN002, ANN003
+        return self._timed("archive", super().materialize, *args, **kw)
+
+
+class TimedExecutor:
+    """The real LocalExecutor behind a proxy; notes when a run is submitted and what its
+    result says. Everything else (slots, cancel_all, shutdown, ...) goes straight through."""
+
+    def __init__(self, inner: LocalExecutor, clock: Clock):
+        self.inner = inner
+        self.clock = clock
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(self.inner, name)
+
+    def submit(self, request: RunRequest) -> Future[RunResult]:
+        eid = request.experiment_id
+        self.clock.mark(eid, "submit")
+        fut = self.inner.submit(request)
+
+        def resolved(f: Future[RunResult]) -> None:
+            r = f.result()
+            self.clock.mark(eid, "popen", r.started_at)
+            self.clock.mark(eid, "reaped", getattr(r, "exited_at", None) or r.finished_at)
+            self.clock.mark(eid, "parsed", r.finished_at)
+
+        fut.add_done_callback(resolved)
+        return fut
+
+
+class TimedReporter:
+    """The real ConsoleReporter (non-terminal: one line per event, to /dev/null); notes when
+    the loop is done with a finished experiment."""
+
+    def __init__(self, inner: ConsoleReporter, clock: Clock):
+        self.inner = inner
+        self.clock = clock
+
+    def started(self, row: Row) -> None:
+        self.inner.started(row)
+
+    def finished(self, row: Row, best: Row | None, done: int) -> None:
+        self.inner.finished(row, best, done)
+        self.clock.mark(row.id, "recorded")
+        self.clock.info[row.id].update(slot=row.slot, status=row.status,
+                                       created=row.created_at)
+
+    def note(self, text: str) -> None:
+        self.inner.note(text)
+
+
+def overnight_spec(command: str, parallel: int, seed: int) -> Spec:
+    return parse_spec({
+        "objective": {"metric": "val_loss", "direction": "lower"},
+        "run": {"command": command, "budget_seconds": 60, "timeout_seconds": 120,
+                "parallel": parallel},
+        "files": {"editable": ["train.py"], "protected": ["run.sh"]},
+        "search": {"strategy": "random", "knobs": list(BOUNDS),
+                   "bounds": {k: list(v) for k, v in BOUNDS.items()}, "seed": seed},
+    })
+
+
+def run_overnight(root: Path, n: int, parallel: int, command: str, env: dict[str, str],
+                  seed: int, pad_lines: int = 0, profile: bool = False) -> Variant:
+    make_repo(root, pad_lines)
+    times = root.parent / f"{root.name}.times"
+    os.environ.update({**env, "BENCH_TIMES": str(times)})  # the executor passes os.environ on
+    spec = overnight_spec(command, parallel, seed)
+    repo = CountingRepo(root)
+    Workspace(repo, spec).preflight()  # what `overnight run` does first
+    clock = Clock()
+    ledger = TimedLedger(root / ".overnight" / "ledger.sqlite", clock)
+    executor = TimedExecutor(LocalExecutor(repo, parallel, []), clock)
+    devnull = open(os.devnull, "w")
+    console = Console(file=devnull, force_terminal=False)
+    reporter = TimedReporter(ConsoleReporter(console, ledger, spec.objective, "bench", n), clock)
+    loop = Loop(repo, spec, ledger, executor, "bench",
+                proposer_factory=lambda files: make_proposer(spec, files),
+                max_experiments=n, reporter=reporter, runs_root=root / ".overnight" / "runs")
+    prof = cProfile.Profile() if profile else None
+    t0 = time.perf_counter()
+    try:
+        if prof:
+            prof.enable()
+        outcome = loop.run()
+        if prof:
+            prof.disable()
+    finally:
+        executor.shutdown()
+        wall = time.perf_counter() - t0
+        ledger.close()
+        devnull.close()
+    if outcome.done != n:
+        print(f"  note: overnight p{parallel} counted {outcome.done} experiments, asked for {n} "
+              f"({outcome.stopped_because})", flush=True)
+
+    exps = []
+    for key, start, exit_ in read_times(times):
+        eid = int(key)
+        m, info = clock.marks[eid], clock.info[eid]
+        marks = {"created": info["created"], **m}
+        exps.append(Exp(key=key, slot=info["slot"], status=info["status"], start=start,
+                        exit=exit_, recorded=m["recorded"], marks=marks))
+    exps.sort(key=lambda e: e.start)
+    text = ""
+    if prof:
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(30)
+        buf2 = io.StringIO()
+        pstats.Stats(prof, stream=buf2).sort_stats("tottime").print_stats(15)
+        text = buf.getvalue() + buf2.getvalue()
+    return Variant(
+        name=f"overnight p{parallel}", slots=parallel, wall_s=wall, exps=exps,
+        # slot free -> ledger row inserted (context + propose + check) -> submit (candidate
+        # commit, refs, ledger) -> Popen (thread hand-off, git archive, extract) -> start
+        dispatch_phases=["created", "submit", "popen"],
+        # exit -> reaped (poll) -> parsed (log) -> ledger row final (wake, judge) -> recorded
+        record_phases=["reaped", "parsed", "ledger"],
+        git_calls=repo.calls, git_seconds=repo.seconds, profile=text,
+    )
+
+
+# -- the baseline: a karpathy-style bash loop ------------------------------------------------
+
+SHELL_LOOP = r"""
+# karpathy/autoresearch by hand: edit, commit, run, grep, keep or reset. Timestamps cost no fork.
+cd "$REPO"
+printf 'commit\tval_loss\tmemory_gb\tstatus\tdescription\n' > results.tsv
+t_a=$EPOCHREALTIME
+{command} > run.log 2>&1
+t_c=$EPOCHREALTIME
+best=$(grep '^val_loss:' run.log | cut -d' ' -f2)
+printf '%s\t%s\t0.0\tkeep\tbaseline\n' "$(git rev-parse --short HEAD)" "$best" >> results.tsv
+echo "$t_a $t_a $t_c $EPOCHREALTIME keep" >> "$PHASES"
+while read -r lr wd wu; do
+  t_a=$EPOCHREALTIME
+  sed -i -e "s/^LEARNING_RATE = .*/LEARNING_RATE = $lr/" \
+         -e "s/^WEIGHT_DECAY = .*/WEIGHT_DECAY = $wd/" \
+         -e "s/^WARMUP_RATIO = .*/WARMUP_RATIO = $wu/" train.py
+  git commit -qam "LEARNING_RATE=$lr WEIGHT_DECAY=$wd WARMUP_RATIO=$wu"
+  t_b=$EPOCHREALTIME
+  {command} > run.log 2>&1
+  t_c=$EPOCHREALTIME
+  val=$(grep '^val_loss:' run.log | cut -d' ' -f2)
+  commit=$(git rev-parse --short HEAD)
+  if [ -n "$val" ] && awk -v a="$val" -v b="$best" 'BEGIN {{ exit !(a < b) }}'; then
+    best=$val; status=keep
+  else
+    status=discard; git reset -q --hard HEAD~1
+  fi
+  printf '%s\t%s\t0.0\t%s\t%s\n' "$commit" "${{val:-0}}" "$status" "lr=$lr wd=$wd wu=$wu" \
+    >> results.tsv
+  echo "$t_a $t_b $t_c $EPOCHREALTIME $status" >> "$PHASES"
+done < "$PROPOSALS"
+"""
+
+
+def shell_proposals(n: int, seed: int) -> list[tuple[str, ...]]:
+    """Fresh log-uniform points with 4 significant digits, like the random search proposer."""
+    rng = random.Random(seed)
+    seen = {("0.001", "0.1", "0.05")}
+    out: list[tuple[str, ...]] = []
+    while len(out) < n:
+        point = tuple(format_value(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+                      for lo, hi in BOUNDS.values())
+        if point not in seen:
+            seen.add(point)
+            out.append(point)
+    return out
+
+
+def run_shell(root: Path, n: int, command: str, env: dict[str, str], seed: int,
+              pad_lines: int = 0) -> Variant:
+    make_repo(root, pad_lines)
+    base = root.parent / root.name
+    times, phases, proposals, script = (Path(f"{base}.{x}") for x in
+                                        ("times", "phases", "proposals", "sh"))
+    proposals.write_text("".join(" ".join(p) + "\n" for p in shell_proposals(n - 1, seed)))
+    script.write_text(SHELL_LOOP.format(command=command))
+    full_env = {**os.environ, **env, **GIT_IDENTITY, "REPO": str(root), "BENCH_TIMES": str(times),
+                "PHASES": str(phases), "PROPOSALS": str(proposals)}
+    t0 = time.perf_counter()
+    subprocess.run(["bash", str(script)], env=full_env, check=True)
+    wall = time.perf_counter() - t0
+
+    runs = read_times(times)
+    steps = [line.split() for line in phases.read_text().splitlines()]
+    if len(runs) != n or len(steps) != n:
+        raise SystemExit(f"shell loop: {len(runs)} runs and {len(steps)} iterations, expected {n}")
+    exps = []
+    for i, (run, step) in enumerate(zip(runs, steps, strict=True)):
+        (_, start, exit_), (t_a, t_b, t_c, t_d, status) = run, step
+        marks = {"loop": float(t_a), "committed": float(t_b), "returned": float(t_c)}
+        exps.append(Exp(key=str(i), status=status, start=start, exit=exit_, recorded=float(t_d),
+                        marks=marks))
+    return Variant(name="shell loop p1", slots=1, wall_s=wall, exps=exps,
+                   # slot free -> next iteration (read) -> sed + git commit -> start
+                   dispatch_phases=["loop", "committed"],
+                   # exit -> the shell gets control back -> grep, rev-parse, awk, reset, tsv
+                   record_phases=["returned"])
+
+
+# -- analysis --------------------------------------------------------------------------------
+
+@dataclass
+class Stats:
+    """Seconds, pooled over the runs (rounds) of one variant."""
+
+    runs: list[Variant]
+    dispatch: list[float] = field(default_factory=list)  # experiments with a predecessor on
+    record: list[float] = field(default_factory=list)  # ... their slot (dispatch, overhead)
+    overhead: list[float] = field(default_factory=list)  # dispatch + record, same experiment
+    workload: list[float] = field(default_factory=list)
+    dispatch_parts: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    record_parts: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    first_quarter: list[float] = field(default_factory=list)  # dispatch + record, per run
+    last_quarter: list[float] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.runs[0].name
+
+    @property
+    def n(self) -> int:
+        return sum(len(v.exps) for v in self.runs)
+
+    @property
+    def wall_s(self) -> float:
+        return sum(v.wall_s for v in self.runs)
+
+
+def analyse(runs: list[Variant]) -> Stats:
+    s = Stats(runs)
+    for v in runs:
+        last_on_slot: dict[int, Exp] = {}
+        over = []
+        for e in v.exps:
+            s.workload.append(e.exit - e.start)
+            s.record.append(e.recorded - e.exit)
+            _split(s.record_parts, e.exit, [e.marks.get(k) for k in v.record_phases],
+                   e.recorded, v.record_phases + ["recorded"])
+            prev = last_on_slot.get(e.slot)
+            if prev is not None:
+                s.dispatch.append(e.start - prev.recorded)
+                over.append(s.dispatch[-1] + s.record[-1])
+                _split(s.dispatch_parts, prev.recorded,
+                       [e.marks.get(k) for k in v.dispatch_phases], e.start,
+                       v.dispatch_phases + ["start"])
+            last_on_slot[e.slot] = e
+        s.overhead += over
+        q = max(1, len(over) // 4)
+        s.first_quarter += over[:q]
+        s.last_quarter += over[-q:]
+    return s
+
+
+def _split(into: dict[str, list[float]], first: float, middle: list[float | None], last: float,
+           names: list[str]) -> None:
+    points = [first, *middle, last]
+    if any(p is None for p in points):
+        return
+    for name, a, b in zip(names, points, points[1:], strict=False):
+        into[name].append(b - a)
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    return s[max(0, math.ceil(q * len(s)) - 1)]
+
+
+def med(xs: list[float]) -> float:
+    return pct(xs, 0.5)
+
+
+def ms(x: float) -> str:
+    return "-" if math.isnan(x) else f"{x * 1000:.1f}"
+
+
+def table(stats: list[Stats]) -> str:
+    head = (f"{'variant':<14} {'n':>4} {'wall s':>6} {'exp/min':>7} | "
+            f"{'dispatch med':>12} {'p90':>6} {'max':>6} | "
+            f"{'record med':>10} {'p90':>6} {'max':>6} | "
+            f"{'overhead med':>12} {'p90':>6} | {'workload':>8}")
+    lines = [head, "-" * len(head)]
+    for s in stats:
+        lines.append(
+            f"{s.name:<14} {s.n:>4} {s.wall_s:>6.1f} {s.n / s.wall_s * 60:>7.0f} | "
+            f"{ms(med(s.dispatch)):>12} {ms(pct(s.dispatch, .9)):>6} {ms(max(s.dispatch)):>6} | "
+            f"{ms(med(s.record)):>10} {ms(pct(s.record, .9)):>6} {ms(max(s.record)):>6} | "
+            f"{ms(med(s.overhead)):>12} {ms(pct(s.overhead, .9)):>6} | "
+            f"{ms(med(s.workload)):>8}"
+        )
+    return "\n".join(lines)
+
+
+def breakdown(s: Stats) -> str:
+    def parts(d: dict[str, list[float]]) -> str:
+        return ", ".join(f"{k} {ms(med(xs))}" for k, xs in d.items())
+
+    keeps = sum(1 for v in s.runs for e in v.exps if e.status == "keep")
+    out = [f"{s.name}: {keeps} keeps of {s.n}; overhead median in the first/last quarter of a "
+           f"run {ms(med(s.first_quarter))} / {ms(med(s.last_quarter))} ms",
+           f"  dispatch, medians in ms from the slot being free up to: {parts(s.dispatch_parts)}",
+           f"  record, medians in ms from the process exit up to:     {parts(s.record_parts)}"]
+    calls = sum((v.git_calls for v in s.runs), Counter())
+    if calls:
+        git_s = sum(v.git_seconds for v in s.runs)
+        per = ", ".join(f"{k} {c / s.n:.2f}" for k, c in calls.most_common())
+        out.append(f"  git processes per experiment: {sum(calls.values()) / s.n:.1f} "
+                   f"({git_s / s.n * 1000:.1f} ms): {per}")
+    return "\n".join(out)
+
+
+def machine() -> str:
+    from overnight.executors.local import cpu_name
+
+    nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
+    git = subprocess.run(["git", "--version"], capture_output=True, text=True).stdout.strip()
+    return (f"{cpu_name()}, nproc {nproc}, {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}, {git}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=200,
+                    help="experiments per variant and round, baseline included (default 200)")
+    ap.add_argument("--parallel", default="1,4", help="overnight slot counts (default 1,4)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every variant this many times, in rotating order, and pool the "
+                    "numbers (evens out a machine whose load drifts)")
+    ap.add_argument("--workload", choices=("sh", "python"), default="sh",
+                    help="sh: `bash run.sh` (bash + one awk); python: `python -S train.py`")
+    ap.add_argument("--work-seconds", type=float, default=0.0,
+                    help="make every run last this long (shows exit-polling latency)")
+    ap.add_argument("--pad-lines", type=int, default=0,
+                    help="pad train.py with this many lines of never-called code (a real "
+                    "train.py is hundreds of lines; knob parsing cost grows with it)")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--profile", action="store_true",
+                    help="also run overnight p1 under cProfile and print the hot spots")
+    ap.add_argument("--json", type=Path, help="write every instant measured to this file")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary repositories")
+    args = ap.parse_args()
+    if args.n < 2:
+        ap.error("--n must be >= 2 (the baseline and at least one candidate)")
+
+    command = workload_command(args.workload)
+    env = {"LC_ALL": "C", "BENCH_WORK_SECONDS": f"{args.work_seconds:g}"}
+    tmp = Path(tempfile.mkdtemp(prefix="overnight-bench-"))
+    print(f"machine: {machine()}")
+    print(f"workload: `{command}` (+{args.work_seconds:g}s), train.py padded by "
+          f"{args.pad_lines} lines, {args.n} experiments per variant, {args.rounds} round(s), "
+          f"repos under {tmp}")
+
+    def shell(r: int) -> Variant:
+        return run_shell(tmp / f"shell-{r}", args.n, command, env, args.seed + r, args.pad_lines)
+
+    def overnight(p: int):  # noqa: ANN202
+        return lambda r: run_overnight(tmp / f"overnight-p{p}-{r}", args.n, p, command, env,
+                                       args.seed + r, args.pad_lines)
+
+    makers = [("shell loop p1", shell)]
+    makers += [(f"overnight p{p}", overnight(int(p))) for p in args.parallel.split(",")]
+    results: dict[str, list[Variant]] = defaultdict(list)
+    loads = []
+    prof = None
+    try:
+        for r in range(args.rounds):
+            order = makers[r % len(makers):] + makers[:r % len(makers)]
+            for name, make in order:
+                print(f"round {r + 1}: {name} ...", flush=True)
+                before = os.getloadavg()[0]
+                results[name].append(make(r))
+                loads.append(f"{name} {before:.2f}/{os.getloadavg()[0]:.2f}")
+        if args.profile:
+            print("overnight p1 under cProfile ...", flush=True)
+            prof = run_overnight(tmp / "overnight-profile", args.n, 1, command, env, args.seed,
+                                 args.pad_lines, profile=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    stats = [analyse(results[name]) for name, _ in makers]
+    print()
+    print(f"harness time per experiment in ms, `{command}`, n={args.n} x {args.rounds} round(s)")
+    print("dispatch: slot free -> process start; record: process exit -> result recorded; "
+          "overhead: both, per experiment; workload: the process's own run time")
+    print(table(stats))
+    print()
+    for s in stats:
+        print(breakdown(s))
+    print()
+    shell_over = med(stats[0].overhead)
+    for s in stats[1:]:
+        over = med(s.overhead)
+        ok = over < TARGET_MS / 1000 and over < shell_over
+        print(f"target ({s.name}): median overhead {ms(over)} ms < {TARGET_MS:g} ms and < "
+              f"the shell loop's {ms(shell_over)} ms: {'PASS' if ok else 'MISS'}")
+    print("1-minute load average before/after each run: " + ", ".join(loads))
+    if prof is not None:
+        print()
+        print("overnight p1 under cProfile (slower than without; the loop's thread only):")
+        print(breakdown(analyse([prof])))
+        print(prof.profile)
+    if args.json:
+        args.json.write_text(json.dumps(
+            [{"variant": v.name, "slots": v.slots, "wall_s": v.wall_s,
+              "git_calls": dict(v.git_calls),
+              "experiments": [e.__dict__ for e in v.exps]}
+             for runs in results.values() for v in runs], indent=1))
+
+
+if __name__ == "__main__":
+    main()
