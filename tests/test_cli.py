@@ -247,9 +247,11 @@ def test_init_writes_a_spec_that_runs(make_repo, cli):
     assert spec["run"]["budget_seconds"] > 0
     exclude = (repo / ".git" / "info" / "exclude").read_text().splitlines()
     assert exclude.count("/.overnight/") == 1
+    program = (repo / "program.md").read_text()  # research instructions for a model or agent
+    assert "val_loss" in program and "prepare.py" in program and "# overnight: protect" in program
 
-    # A user commits it and runs, with the environment's `python` first on PATH.
-    git(repo, "add", "overnight.toml")
+    # A user commits them and runs, with the environment's `python` first on PATH.
+    git(repo, "add", "overnight.toml", "program.md")
     git(repo, "commit", "-q", "-m", "spec")
     path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     out = cli("run", "-t", TAG, "-n", "2", cwd=repo, env={"PATH": path})

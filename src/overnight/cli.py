@@ -186,6 +186,40 @@ def export(
         sys.stdout.write(text)
 
 
+@command
+def hypotheses(tag: TagOpt = None, repo: RepoOpt = Path(".")) -> None:
+    """The hypothesis log: every proposal's hypothesis, its outcome and the measured delta."""
+    from overnight.report import hypotheses_view
+    from overnight.workspace import Workspace, default_tag
+
+    ws = Workspace.open(repo)
+    ledger = ws.ledger()
+    try:
+        rows = ledger.experiments(tag or default_tag(ledger))
+    finally:
+        ledger.close()
+    console.print(hypotheses_view(rows, ws.spec.objective))
+
+
+@command
+def steer(
+    note: Annotated[str, typer.Argument(help="What the proposer should know or try, in words.")],
+    tag: Annotated[str | None, typer.Option("--tag", "-t", help="Only for this tag. "
+                   "Default: every tag.")] = None,
+    repo: RepoOpt = Path("."),
+) -> None:
+    """Leave a note for the proposer; the next proposals of a running loop see it."""
+    from overnight.workspace import Workspace
+
+    ws = Workspace.open(repo)
+    ledger = ws.ledger()
+    try:
+        ledger.add_note(note, tag)
+    finally:
+        ledger.close()
+    console.print(f"noted for {'tag ' + tag if tag else 'every tag'}: {note}")
+
+
 def _row(ws, experiment_id: int):  # noqa: ANN001, ANN202
     ledger = ws.ledger()
     try:

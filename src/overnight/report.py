@@ -135,6 +135,15 @@ def status_view(ledger: Ledger, tag: str, objective: Objective) -> Group:
                           f"  ({pct:+.2f}% vs baseline, {len(keeps) - 1} kept improvements)",
                           style="green"))
         lines.append(Text(f"  branch    overnight/{tag} at {(best.kept_commit or '')[:10]}"))
+    tokens_in = sum(r.tokens_in for r in rows)
+    tokens_out = sum(r.tokens_out for r in rows)
+    if tokens_in or tokens_out:
+        cost = sum(r.cost_usd for r in rows)
+        improvements = max(len(keeps) - 1, 0)
+        per = (f"{(tokens_in + tokens_out) / improvements:,.0f} tokens, ${cost / improvements:.2f}"
+               f" per kept improvement" if improvements else "no kept improvement yet")
+        lines.append(Text(f"  proposer  {tokens_in:,} tokens in, {tokens_out:,} out, "
+                          f"${cost:.2f}; {per}"))
     running = [r for r in rows if r.status in ("running", "queued")]
     if running:
         lines.append(Text("  running:"))
@@ -143,6 +152,20 @@ def status_view(ledger: Ledger, tag: str, objective: Objective) -> Group:
             since = f"{now - r.started_at:.0f}s" if r.started_at else "queued"
             lines.append(Text(f"    #{r.id} slot {r.slot} {since}: {r.description}"))
     return Group(*lines)
+
+
+def hypotheses_view(rows: list[Row], objective: Objective) -> Table:
+    """Every hypothesis tried, what came of it and the measured delta."""
+    table = Table(box=None, header_style="dim", pad_edge=False)
+    for col in ("id", "status", f"delta {objective.metric}", "hypothesis", "change"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        if r.is_baseline or not (r.hypothesis or r.description):
+            continue
+        delta = f"{r.delta:+.6f}" if r.delta is not None else "-"
+        table.add_row(f"#{r.id}", Text(r.status, style=STATUS_STYLE.get(r.status, "")), delta,
+                      r.hypothesis or "-", r.description)
+    return table
 
 
 def show_view(row: Row, objective: Objective, diff: str, log_lines: int = 20) -> Group:
@@ -180,6 +203,9 @@ def show_view(row: Row, objective: Objective, diff: str, log_lines: int = 20) ->
     if integrity.get("watch_unavailable"):
         out.append(Text(f"  note         live watch: {integrity['watch_unavailable']}",
                         style="yellow"))
+    if row.tokens_in or row.tokens_out:
+        out.append(Text(f"  proposer     {row.proposer}: {row.tokens_in:,} tokens in, "
+                        f"{row.tokens_out:,} out, ${row.cost_usd:.4f}"))
     if row.duration_s is not None:
         mem = f"{row.memory_gb:.2f} GB" if row.memory_gb is not None else "-"
         out.append(Text(f"  timings      ran {row.duration_s:.1f}s, exit {row.returncode}, "

@@ -139,8 +139,42 @@ def write_init(root: Path, command: str | None, metric: str | None, direction: s
     text = render_spec(command, metric, direction, editable, protected)
     spec = parse_spec(tomllib.loads(text))
     spec_path.write_text(text)
+    program = repo.root / spec.proposer.program
+    if not program.exists():
+        program.write_text(render_program(spec))
     repo.exclude(f"/{STATE_DIR}/")
     return spec_path, spec
+
+
+def render_program(spec: Spec) -> str:
+    """A starting program.md: the research instructions a model or coding agent reads."""
+    o, files = spec.objective, spec.files
+    protected = ", ".join(files.protected) or "none"
+    return f"""# Research program
+
+You are running experiments to make `{o.metric}` {o.direction} (better by more than
+{o.min_delta:g} to count). Each experiment runs `{spec.run.command}` with a fixed time
+budget of {spec.run.budget_seconds:g} s (given as OVERNIGHT_BUDGET_SECONDS), so the question
+is always: what does best within this budget?
+
+## What you may change
+- Only these files: {", ".join(files.editable)}.
+- Never: {protected}, nor the lines between `# overnight: protect` and `# overnight: end`
+  (the time budget, the evaluation). Edits there are rejected before they run.
+
+## How to work
+- One idea per experiment, stated as a hypothesis you can be wrong about.
+- Read the history first: do not repeat what was tried; build on what worked; learn from
+  crashes (the log tail is shown) before retrying an idea.
+- Prefer changes whose effect is larger than the run-to-run noise you see in the history.
+- Simpler is better: a small gain that adds a lot of complexity is rarely worth keeping.
+- If an experiment crashed for a trivial reason (a typo, a shape mismatch), fix it and try
+  again; if the idea itself is broken, move on.
+
+## Notes from the user
+Write here what you know that the model should: ideas to try, things that failed before,
+constraints of the hardware. `overnight steer "..."` adds notes while a loop runs.
+"""
 
 
 def _toml_list(items: list[str]) -> str:
