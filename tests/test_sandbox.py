@@ -80,14 +80,16 @@ def test_bwrap_sandbox_blocks_network_and_writes_outside(make_repo, cli, tmp_pat
     server.bind(("127.0.0.1", 0))
     server.listen()
     accepted = []
-    threading.Thread(target=lambda: accepted.append(server.accept()), daemon=True).start()
+    first = threading.Thread(target=lambda: accepted.append(server.accept()), daemon=True)
+    first.start()
     toml = spec_toml("grid", extra_run='sandbox = "bwrap"')
     repo = make_repo({"train.py": SANDBOXED}, toml)
     outside = repo / "escaped.txt"  # the user's repository, beside the run directories
     env = {"PROBE_PORT": str(server.getsockname()[1]), "PROBE_OUTSIDE": str(outside)}
     # Without the sandbox the probe does reach the server: the test can tell the difference.
     with socket.create_connection(server.getsockname(), timeout=3):
-        pass
+        first.join(timeout=5)
+    assert len(accepted) == 1
     accepted.clear()
     threading.Thread(target=lambda: accepted.append(server.accept()), daemon=True).start()
 

@@ -22,12 +22,15 @@ sent back to the model.
 
 from __future__ import annotations
 
+import ast
 import difflib
 import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from overnight.errors import OvernightError
+from overnight.knobs import read_knobs
+from overnight.proposers.base import Context, Experiment, fingerprint, normalize
 from overnight.regions import check_edit
 
 SEARCH_RE = re.compile(r"^\s*<{5,9}\s*SEARCH\s*$", re.IGNORECASE)
@@ -391,10 +394,10 @@ def _find(lines: list[str], needle: list[str]) -> list[_Match]:
     dedented = [x[len(ours):] if x.strip() else "" for x in stripped]
     for i in range(len(hay) - m + 1):
         window = hay[i:i + m]
-        if any(bool(a.strip()) != bool(b) for a, b in zip(window, dedented)):
+        if any(bool(a.strip()) != bool(b) for a, b in zip(window, dedented, strict=True)):
             continue
         theirs = _common_indent(window)
-        if all(a == theirs + b for a, b in zip(window, dedented) if b):
+        if all(a == theirs + b for a, b in zip(window, dedented, strict=True) if b):
             found.append(_Match(i, i + m, (ours, theirs)))
     return found
 
@@ -497,3 +500,57 @@ def describe_edits(files: Mapping[str, str], edits: Mapping[str, str]) -> str:
         added, removed = line_stats(files.get(path, ""), edits[path])
         parts.append(f"{path} (+{added} -{removed} lines)")
     return ", ".join(parts)
+
+
+def check_syntax(files: Mapping[str, str], edits: Mapping[str, str]) -> None:
+    """EditError if an edit leaves a Python file that no longer parses (and did before): a
+    run that would crash at once is cheaper to catch here."""
+    for path, new in edits.items():
+        if not path.endswith(".py"):
+            continue
+        try:
+            ast.parse(new, filename=path)
+        except SyntaxError as e:
+            try:
+                ast.parse(files.get(path, ""), filename=path)
+            except SyntaxError:
+                continue  # it did not parse before either: not this edit's fault
+            where = f"line {e.lineno}: " if e.lineno else ""
+            shown = f" `{e.text.strip()}`" if e.text and e.text.strip() else ""
+            raise EditError(f"after your edits {path} is not valid Python ({where}{e.msg}"
+                            f"{shown})") from None
+
+
+def find_duplicate(ctx: Context, edits: Mapping[str, str]) -> Experiment | None:
+    """The experiment whose editable files equal the incumbent's with `edits` applied."""
+    fp = fingerprint({**ctx.files, **edits})
+    for e in [*ctx.history, *ctx.in_flight]:
+        if e.fingerprint == fp:
+            return e
+    return None
+
+
+def duplicate_message(ctx: Context, edits: Mapping[str, str]) -> str:
+    same = find_duplicate(ctx, edits)
+    if same is None:
+        return ("your change is a duplicate: exactly these files were already proposed. "
+                "Propose something different")
+    result = f"{same.metric:.6g}" if same.metric is not None else "no metric"
+    return (f"your change is a duplicate of experiment #{same.id} ({same.status}, {result}: "
+            f"{same.description}): exactly these files were already tried. Propose something "
+            "different")
+
+
+def knob_values(files: Mapping[str, str]) -> dict[str, float | int]:
+    """Knob values of the Python files, or {} when they cannot be read (a syntax error, a
+    knob defined twice): knobs describe a proposal, they never block it."""
+    try:
+        knobs = read_knobs({p: t for p, t in files.items() if p.endswith(".py")})
+    except (OvernightError, ValueError, RecursionError):
+        return {}
+    return {name: k.value for name, k in knobs.items()}
+
+
+def real_changes(files: Mapping[str, str], edits: Mapping[str, str]) -> dict[str, str]:
+    """The edits that change more than whitespace at line ends or the end of the file."""
+    return {p: t for p, t in edits.items() if normalize(t) != normalize(files.get(p, ""))}
