@@ -167,14 +167,10 @@ def export(
 ) -> None:
     """Export the ledger of a tag as results.tsv or JSONL."""
     from overnight.ledger import export_jsonl, export_tsv
-    from overnight.workspace import Workspace, default_tag
+    from overnight.workspace import Workspace
 
     ws = Workspace.open(repo)
-    ledger = ws.ledger()
-    try:
-        rows = ledger.experiments(tag or default_tag(ledger))
-    finally:
-        ledger.close()
+    rows = ws.tag_rows(tag)
     if format == Format.tsv:
         text = export_tsv(rows, ws.spec.objective.metric)
     else:
@@ -190,15 +186,10 @@ def export(
 def hypotheses(tag: TagOpt = None, repo: RepoOpt = Path(".")) -> None:
     """The hypothesis log: every proposal's hypothesis, its outcome and the measured delta."""
     from overnight.report import hypotheses_view
-    from overnight.workspace import Workspace, default_tag
+    from overnight.workspace import Workspace
 
     ws = Workspace.open(repo)
-    ledger = ws.ledger()
-    try:
-        rows = ledger.experiments(tag or default_tag(ledger))
-    finally:
-        ledger.close()
-    console.print(hypotheses_view(rows, ws.spec.objective))
+    console.print(hypotheses_view(ws.tag_rows(tag), ws.spec.objective))
 
 
 @command

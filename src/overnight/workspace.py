@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from overnight.errors import ConfigError
-from overnight.ledger import Ledger
+from overnight.ledger import Ledger, Row
 from overnight.sandbox import require_bwrap
 from overnight.snapshot import Repo
 from overnight.spec import SPEC_FILE, Spec, load_spec, parse_spec, tomllib
@@ -33,6 +33,14 @@ class Workspace:
 
     def ledger(self) -> Ledger:
         return Ledger(self.state / "ledger.sqlite")
+
+    def tag_rows(self, tag: str | None) -> list[Row]:
+        """Every experiment of a tag (default: the most recent tag), oldest first."""
+        ledger = self.ledger()
+        try:
+            return ledger.experiments(tag or default_tag(ledger))
+        finally:
+            ledger.close()
 
     def preflight(self) -> None:
         """Refuse to run on files that differ from what is committed."""
