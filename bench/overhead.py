@@ -288,7 +288,8 @@ def run_overnight(root: Path, n: int, parallel: int, command: str, env: dict[str
     console = Console(file=devnull, force_terminal=False)
     reporter = TimedReporter(ConsoleReporter(console, ledger, spec.objective, "bench", n), clock)
     loop = Loop(repo, spec, ledger, executor, "bench",
-                proposer_factory=lambda files: make_proposer(spec, files),
+                proposer_factory=lambda files: make_proposer(
+                    spec, files, repo, root / ".overnight" / "scratch"),
                 max_experiments=n, reporter=reporter, runs_root=root / ".overnight" / "runs")
     prof = cProfile.Profile() if profile else None
     t0 = time.perf_counter()

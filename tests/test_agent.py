@@ -1,0 +1,189 @@
+"""Agent proposer: a real git repository, a real subprocess standing in for the coding agent."""
+
+from __future__ import annotations
+
+import shlex
+import time
+from pathlib import Path
+
+import pytest
+from conftest import PYTHON, alive, create_repo, git, train_py, wait_until
+
+from overnight.errors import ConfigError
+from overnight.proposers.agent_cli import AgentProposer
+from overnight.proposers.base import Context, Experiment, fingerprint
+from overnight.proposers.edits import knob_values
+from overnight.snapshot import Repo
+from overnight.spec import Spec, parse_spec
+
+PROGRAM = "# Toy research\n\nFind the learning rate that minimizes val_loss. Zebra-42.\n"
+PREPARE = "DATA = 'tiny'\n"
+TRAIN = train_py(lr=0.001, extra="# overnight: protect\nTIME_BUDGET = 5\n# overnight: end")
+
+# The agent: argv is MODE PROMPT SEEN, where SEEN is a file that receives the prompt.
+FAKE_AGENT = '''\
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+mode, prompt, seen = sys.argv[1], sys.argv[2], sys.argv[3]
+Path(seen).write_text(prompt)
+train = Path("train.py")
+if mode == "edit":
+    train.write_text(train.read_text().replace("LEARNING_RATE = 0.001", "LEARNING_RATE = 0.004"))
+    with open("prepare.py", "a") as f:
+        f.write("DATA = 'easier'\\n")
+    Path("notes.txt").write_text("my scratch notes\\n")
+    print("Hypothesis: a draft idea")
+    print("thinking...")
+    print("Hypothesis: the optimum is near 0.004")
+    print("Description: LEARNING_RATE 0.001 -> 0.004")
+elif mode == "plain":
+    train.write_text(train.read_text().replace("LEARNING_RATE = 0.001", "LEARNING_RATE = 0.002"))
+elif mode == "nothing":
+    print("I looked around and found nothing worth changing.")
+elif mode == "fail":
+    print("error: no API key", file=sys.stderr)
+    sys.exit(3)
+elif mode == "region":
+    train.write_text(train.read_text().replace("TIME_BUDGET = 5", "TIME_BUDGET = 500"))
+elif mode == "hang":
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    Path(seen + ".pids").write_text(f"{os.getpid()} {child.pid}")
+    time.sleep(120)
+'''
+
+
+def make_spec(command: str, timeout: float = 30) -> Spec:
+    return parse_spec({
+        "objective": {"metric": "val_loss", "direction": "lower"},
+        "run": {"command": "python train.py", "kill_grace_seconds": 0.5},
+        "files": {"editable": ["train.py"], "protected": ["prepare.py"]},
+        "proposer": {"kind": "agent"},
+        "agent": {"command": command, "timeout_seconds": timeout},
+    })
+
+
+class Setup:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.root = create_repo(tmp / "repo", {"train.py": TRAIN, "prepare.py": PREPARE,
+                                               "program.md": PROGRAM})
+        self.repo = Repo(self.root)
+        self.commit = git(self.root, "rev-parse", "HEAD")
+        self.script = tmp / "fake_agent.py"
+        self.script.write_text(FAKE_AGENT)
+        self.seen = tmp / "seen_prompt.txt"
+        self.scratch = tmp / "scratch"
+
+    def proposer(self, mode: str, timeout: float = 30) -> AgentProposer:
+        command = (f"{PYTHON} {shlex.quote(str(self.script))} {mode} {{prompt}} "
+                   f"{shlex.quote(str(self.seen))}")
+        return AgentProposer(make_spec(command, timeout), self.repo, self.scratch)
+
+    def context(self, history: list[Experiment] | None = None) -> Context:
+        files = {"train.py": TRAIN}
+        base = Experiment(0, self.commit, None, "keep", 1.3, "baseline", knob_values(files),
+                          is_baseline=True, fingerprint=fingerprint(files))
+        past = history or []
+        return Context(
+            incumbent=base, files=files, history=[base, *past], in_flight=[],
+            direction="lower", slots=1, metric="val_loss", program=PROGRAM,
+            protected=("prepare.py",),
+            tried=frozenset({base.fingerprint, *(e.fingerprint for e in past)}),
+        )
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Setup:
+    return Setup(tmp_path)
+
+
+def test_agent_edit_keeps_only_editable_changes(setup: Setup) -> None:
+    proposal = setup.proposer("edit").propose(setup.context())
+
+    assert not proposal.rejected
+    assert proposal.parent == setup.commit
+    assert proposal.edits == {"train.py": TRAIN.replace("0.001", "0.004")}
+    assert proposal.hypothesis == "the optimum is near 0.004"  # the last one printed
+    assert proposal.description == "LEARNING_RATE 0.001 -> 0.004"
+    assert proposal.knobs["LEARNING_RATE"] == 0.004
+    notes = "\n".join(proposal.notes)
+    assert "discarded the agent's changes to prepare.py (protected)" in notes
+    assert "discarded the agent's new file notes.txt" in notes
+    # The prompt carried program.md, and the user's repository was never touched.
+    prompt = setup.seen.read_text()
+    assert "Zebra-42" in prompt
+    assert "Hypothesis:" in prompt and "LEARNING_RATE = 0.001" in prompt
+    assert git(setup.root, "status", "--porcelain") == ""
+    # The checkout is gone; the agent's log stays next to where it was.
+    assert [p for p in setup.scratch.iterdir() if p.is_dir()] == []
+    logs = list(setup.scratch.glob("*.log"))
+    assert len(logs) == 1 and "thinking..." in logs[0].read_text()
+
+
+def test_agent_without_summary_gets_a_generated_description(setup: Setup) -> None:
+    proposal = setup.proposer("plain").propose(setup.context())
+    assert not proposal.rejected
+    assert proposal.description == "agent edit: train.py (+1 -1 lines)"
+    assert proposal.hypothesis == ""
+
+
+def test_agent_that_changes_nothing_is_rejected(setup: Setup) -> None:
+    proposal = setup.proposer("nothing").propose(setup.context())
+    assert proposal.rejected == "the agent changed nothing"
+    assert proposal.edits == {}
+
+
+def test_agent_that_fails_is_rejected_with_its_output(setup: Setup) -> None:
+    proposal = setup.proposer("fail").propose(setup.context())
+    assert proposal.rejected == "the agent exited with status 3 and changed nothing"
+    assert any("error: no API key" in n for n in proposal.notes)
+
+
+def test_agent_editing_a_protected_region_is_rejected(setup: Setup) -> None:
+    proposal = setup.proposer("region").propose(setup.context())
+    assert proposal.rejected.startswith("the agent edits the protected region of train.py")
+    assert proposal.edits == {}
+
+
+def test_agent_duplicate_is_rejected(setup: Setup) -> None:
+    files = {"train.py": TRAIN.replace("0.001", "0.004")}
+    earlier = Experiment(5, "c5", setup.commit, "discard", 1.2, "lr 0.004", knob_values(files),
+                         fingerprint=fingerprint(files))
+    proposal = setup.proposer("edit").propose(setup.context([earlier]))
+    assert proposal.rejected == "duplicate of experiment #5"
+
+
+def test_agent_that_hangs_is_killed_with_its_group(setup: Setup) -> None:
+    start = time.monotonic()
+    proposal = setup.proposer("hang", timeout=1).propose(setup.context())
+    elapsed = time.monotonic() - start
+
+    assert proposal.rejected == "agent timed out after 1s"
+    assert elapsed < 10
+    pids = [int(p) for p in Path(str(setup.seen) + ".pids").read_text().split()]
+    for pid in pids:  # the agent and the child it started
+        wait_until(lambda pid=pid: not alive(pid), timeout=5, what=f"process {pid} to die")
+    assert [p for p in setup.scratch.iterdir() if p.is_dir()] == []
+
+
+def test_agent_section_is_required(setup: Setup) -> None:
+    spec = parse_spec({
+        "objective": {"metric": "val_loss"}, "run": {"command": "python train.py"},
+        "files": {"editable": ["train.py"]},
+    })
+    with pytest.raises(ConfigError, match=r"\[agent\]"):
+        AgentProposer(spec, setup.repo, setup.scratch)
+
+
+def test_prompt_file_placeholder(setup: Setup) -> None:
+    command = (f"{PYTHON} {shlex.quote(str(setup.script))} plain {{prompt_file}} "
+               f"{shlex.quote(str(setup.seen))}")
+    p = AgentProposer(make_spec(command), setup.repo, setup.scratch)
+    proposal = p.propose(setup.context())
+    assert proposal.edits == {"train.py": TRAIN.replace("0.001", "0.002")}
+    prompt_file = Path(setup.seen.read_text())  # the agent was given a path
+    assert prompt_file.parent == setup.scratch and "Zebra-42" in prompt_file.read_text()
