@@ -129,16 +129,30 @@ def test_of_commit_streams_every_blob_through_one_git_process(tmp_path: Path,
     shim.write_text(f'#!/bin/sh\necho "$1" >> "{log}"\nexec "{real}" "$@"\n')
     shim.chmod(0o755)
     monkeypatch.setenv("PATH", f"{shim.parent}{os.pathsep}{os.environ['PATH']}")
+    repo = Repo(repo.root)  # it takes its environment, PATH included, when it is made
 
     t0 = time.perf_counter()
     manifest = Manifest.of_commit(repo, commit)
     elapsed = time.perf_counter() - t0
 
-    assert log.read_text().split() == ["ls-tree", "cat-file"]  # not one process per file
+    # One listing per directory and one stream for every blob: not one process per file.
+    calls = log.read_text().split()
+    assert calls.count("cat-file") == 1 and calls.count("ls-tree") == 5, calls
+    assert set(calls) == {"rev-parse", "ls-tree", "cat-file"}
     assert len(manifest.entries) == 42
     assert manifest.entries["pkg3/mod7.py"].sha256 == hashlib.sha256(
         files["pkg3/mod7.py"].encode()).hexdigest()
     assert elapsed < 2.0, f"of_commit took {elapsed:.2f}s for ~1 MB"
+
+    # A candidate that edits one file is then hashed without any git process at all.
+    edited = "X7 = 70\n"
+    candidate = repo.commit_candidate(commit, {"pkg3/mod7.py": edited}, "edit")
+    log.write_text("")
+    after = Manifest.of_commit(repo, candidate)
+    assert log.read_text().split() == []
+    assert after.entries["pkg3/mod7.py"].sha256 == hashlib.sha256(edited.encode()).hexdigest()
+    assert after.entries["pkg1/mod5.py"] == manifest.entries["pkg1/mod5.py"]
+    assert Manifest.of_commit(Repo(repo.root), candidate) == after  # a cold cache agrees
 
 
 def test_read_blobs_gives_committed_bytes_in_one_call(run_dir):

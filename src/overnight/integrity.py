@@ -97,29 +97,31 @@ class Manifest:
     def of_commit(cls, repo: Repo, commit: str) -> Manifest:
         """From git objects: one `ls-tree` and one `cat-file --batch` for all blobs, hashed as
         they stream by (a committed data file is never held in memory whole)."""
-        listing = _git(repo, "ls-tree", "-r", "-z", "--full-tree", commit)
-        wanted: dict[str, list[tuple[str, str]]] = {}  # blob id -> [(path, mode)]
-        for record in listing.split(b"\0"):
-            if not record:
-                continue
-            meta, path = record.split(b"\t", 1)
-            mode, kind, oid = meta.decode().split()
-            if kind != "blob":
-                continue  # a submodule is a commit id, not files: checkout leaves it empty
-            wanted.setdefault(oid, []).append((os.fsdecode(path), mode))
-
         entries: dict[str, Entry] = {}
+        wanted: dict[str, list[tuple[str, str]]] = {}  # blob id -> [(path, mode)]
+        known, targets = repo.blob_sha256, repo.link_targets  # most files of a new candidate
+        # Blobs only: a submodule is a commit id, not files, and checkout leaves it empty.
+        for path, mode, oid in repo.listing(commit):
+            if mode == SYMLINK and oid in targets:
+                entries[path] = Entry(SYMLINK, known[oid], targets[oid])
+            elif mode != SYMLINK and oid in known:
+                entries[path] = Entry(EXECUTABLE if mode == EXECUTABLE else FILE, known[oid])
+            else:
+                wanted.setdefault(oid, []).append((path, mode))
 
         def consume(oid: str, stream: IO[bytes], size: int) -> None:
             modes = {mode for _, mode in wanted[oid]}
             digest, head = _hash_stream(stream, size, keep=SYMLINK in modes)
+            known[oid] = digest
+            if SYMLINK in modes:
+                targets[oid] = os.fsdecode(head)
             for path, mode in wanted[oid]:
                 if mode == SYMLINK:
                     entries[path] = Entry(SYMLINK, digest, os.fsdecode(head))
                 else:
                     entries[path] = Entry(EXECUTABLE if mode == EXECUTABLE else FILE, digest)
 
-        missing = _cat_batch(repo, list(wanted), consume)
+        missing = _cat_batch(repo, list(wanted), consume) if wanted else []
         if missing:
             raise GitError(f"{commit[:10]}: {len(missing)} blob(s) missing from the repository")
         return cls(dict(sorted(entries.items())))

@@ -48,6 +48,10 @@ class Repo:
         self._commit_trees: dict[str, str] = {}
         self._objects: Path | None | bool = False  # False: not looked up yet
         self._refs_dir: Path | None | bool = False
+        # sha256 of blob contents by blob id: a manifest of a new candidate then only hashes
+        # what changed (objects are immutable, so the cache is never stale).
+        self.blob_sha256: dict[str, str] = {}
+        self.link_targets: dict[str, str] = {}  # blob id -> where a symlink with it points
 
     @classmethod
     def open(cls, path: Path) -> Repo:
@@ -154,6 +158,8 @@ class Repo:
             return self.git("hash-object", "-t", kind, "-w", "--stdin", input=data)
         raw = f"{kind} {len(data)}\0".encode() + data
         sha = hashlib.sha1(raw).hexdigest()
+        if kind == "blob":
+            self.blob_sha256[sha] = hashlib.sha256(data).hexdigest()
         path = objects / sha[:2] / sha[2:]
         if not path.exists():
             path.parent.mkdir(exist_ok=True)
@@ -207,9 +213,30 @@ class Repo:
             f"{entries[n][0].lstrip('0')} {n}\0".encode() + bytes.fromhex(entries[n][2])
             for n in sorted(entries, key=order)
         )
-        return self._write("tree", data)
+        sha = self._write("tree", data)
+        self._trees[sha] = entries  # what we just wrote: no need to ask git to list it
+        return sha
+
+    def listing(self, commit: str) -> list[tuple[str, str, str]]:
+        """(path, mode, blob id) of every file of a commit, from cached tree listings."""
+        out: list[tuple[str, str, str]] = []
+
+        def walk(tree: str, prefix: str) -> None:
+            for name, (mode, kind, sha) in self._entries(tree).items():
+                if kind == "tree":
+                    walk(sha, f"{prefix}{name}/")
+                elif kind == "blob":
+                    out.append((prefix + name, mode, sha))
+
+        walk(self.tree_of(commit), "")
+        return out
 
     def commit_tree(self, tree: str, parent: str, message: str) -> str:
+        sha = self._commit_tree(tree, parent, message)
+        self._commit_trees[sha] = tree
+        return sha
+
+    def _commit_tree(self, tree: str, parent: str, message: str) -> str:
         if self._loose_objects() is None:
             return self.git("commit-tree", tree, "-p", parent, input=message.encode())
         stamp = f"{int(time.time())} +0000"
