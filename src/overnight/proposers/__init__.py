@@ -16,7 +16,7 @@ def make_proposer(spec: Spec, files: dict[str, str], repo: Repo, scratch: Path) 
     if spec.proposer.kind == "llm":
         from overnight.proposers.llm import LLMProposer
 
-        return LLMProposer(spec)
+        return LLMProposer(spec, trace_dir=scratch.parent / "llm")
     if spec.proposer.kind == "agent":
         from overnight.proposers.agent_cli import AgentProposer
 
