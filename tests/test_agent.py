@@ -187,3 +187,54 @@ def test_prompt_file_placeholder(setup: Setup) -> None:
     assert proposal.edits == {"train.py": TRAIN.replace("0.001", "0.002")}
     prompt_file = Path(setup.seen.read_text())  # the agent was given a path
     assert prompt_file.parent == setup.scratch and "Zebra-42" in prompt_file.read_text()
+
+
+# -- through `overnight run` --------------------------------------------------------------------
+
+STEPPING_AGENT = '''\
+import re, sys
+from pathlib import Path
+calls = Path(sys.argv[1])  # the agent's memory: how many times it was asked
+n = int(calls.read_text()) + 1 if calls.exists() else 1
+calls.write_text(str(n))
+train = Path("train.py")
+text = re.sub(r"LEARNING_RATE = [0-9.e-]+", f"LEARNING_RATE = {0.001 + 0.001 * n:.3f}",
+              train.read_text())
+train.write_text(text)
+Path("prepare.py").write_text("DATA = 'rewritten by the agent'\\n")
+print("Hypothesis: a step up in learning rate helps")
+'''
+
+
+def test_overnight_run_with_a_coding_agent(tmp_path: Path, cli):
+    agent = tmp_path / "agent.py"
+    agent.write_text(STEPPING_AGENT)
+    toml = f"""\
+[objective]
+metric = "val_loss"
+
+[run]
+command = "{PYTHON} train.py"
+budget_seconds = 5
+timeout_seconds = 20
+
+[files]
+editable = ["train.py"]
+protected = ["prepare.py"]
+
+[proposer]
+kind = "agent"
+
+[agent]
+command = "{PYTHON} {agent} {tmp_path / 'calls'} {{prompt}}"
+timeout_seconds = 30
+"""
+    repo = create_repo(tmp_path / "r", {"train.py": train_py(0.001), "prepare.py": PREPARE},
+                       toml)
+    out = cli("run", "-t", "a", "-n", "3", cwd=repo, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "discarded the agent's changes to prepare.py (protected)" in out.stdout
+    log = git(repo, "log", "--format=%s", "overnight/a").splitlines()
+    assert len(log) == 3 and all(line.startswith("val_loss ") for line in log[:2])
+    assert git(repo, "show", "overnight/a:prepare.py") == PREPARE.strip()
+    assert "LEARNING_RATE = 0.003" in git(repo, "show", "overnight/a:train.py")

@@ -146,6 +146,9 @@ class Loop:
             return
         want = len(self._free_slots) + self.spec.proposer.prefetch
         want -= len(self._ready) + len(self._proposing)
+        # Free slots are filled at once; working ahead for busy ones goes one proposal at a
+        # time, so each sees the candidates prepared before it and proposes something else.
+        want = min(want, max(1, len(self._free_slots)) - len(self._proposing))
         if self.max is not None:
             planned = self._counted() + len(self._pending) + len(self._ready)
             want = min(want, self.max - planned - len(self._proposing))
