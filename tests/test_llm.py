@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -72,6 +73,7 @@ class Step:
     body: Any = None
     headers: dict[str, str] = field(default_factory=dict)
     drop: bool = False  # close the connection without answering
+    delay: float = 0.0  # a slow model: seconds before the answer
 
 
 @dataclass
@@ -96,6 +98,7 @@ class FakeAPI:
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 api.received.append(Received(self.path, headers, json.loads(raw)))
                 step = api.script.pop(0) if api.script else Step(500, {"error": "no script"})
+                time.sleep(step.delay)
                 if step.drop:
                     self.close_connection = True
                     return

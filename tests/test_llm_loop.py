@@ -118,3 +118,23 @@ def test_a_wrong_key_stops_the_loop_with_a_clear_error(tmp_path: Path, api: Fake
     assert out.returncode == 2, out.stdout + out.stderr
     assert "invalid api key" in out.stderr
     assert [r["status"] for r in rows(repo, TAG)] == ["keep"]
+
+
+def test_a_slow_model_keeps_the_slots_busy(tmp_path: Path, api: FakeAPI, cli):
+    slow_train = TRAIN.replace("import time", "import time\ntime.sleep(1.0)")
+    toml = spec(api.base_url).replace("prefetch = 0", "prefetch = 1")
+    repo = create_repo(tmp_path / "r", {"train.py": slow_train}, toml)
+    anchor = "loss = 1.0 + abs(LEARNING_RATE - 0.004) * 100"
+    for i in range(4):  # each answer adds a line after a line no answer changes
+        api.answer(f"Hypothesis: idea {i}\nDescription: note {i}\n\ntrain.py\n"
+                   f"<<<<<<< SEARCH\n{anchor}\n=======\n{anchor}\nNOTE_{i} = {i}\n"
+                   ">>>>>>> REPLACE\n")
+        api.script[-1].delay = 0.7  # each answer takes 0.7 s
+    out = cli("run", "-t", TAG, "-n", "5", cwd=repo, env={"OPENAI_API_KEY": "k"}, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    ran = [r for r in rows(repo, TAG) if r["started_at"] is not None]
+    assert len(ran) == 5, [(r["status"], r["reason"]) for r in rows(repo, TAG)]
+    # Once the first answer is in, the next is always ready when the slot frees up: the
+    # gaps stay far below the model's 0.7 s.
+    gaps = [b["started_at"] - a["finished_at"] for a, b in zip(ran[1:], ran[2:], strict=False)]
+    assert max(gaps) < 0.4, gaps
