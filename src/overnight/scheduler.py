@@ -81,6 +81,7 @@ class Loop:
         self._proposing: dict[Future, Context] = {}  # proposals being prepared on threads
         self._stop: str | None = None  # why no more proposals are asked for
         self._rejected_in_a_row = 0
+        self._tails: dict[int, str] = {}  # log tails of crashed runs, for the proposer
 
     # -- the main path -----------------------------------------------------------
 
@@ -282,8 +283,11 @@ class Loop:
     def _context(self) -> Context:
         inc = self._incumbent()
         rows = [r for _, r in sorted(self._rows.items())]
-        failed = [r.id for r in rows if r.status in ("crash", "timeout")][-10:]
-        history = [_experiment(r, with_log=r.id in failed) for r in rows]
+        failed = [r for r in rows if r.status in ("crash", "timeout")][-10:]
+        for r in failed:
+            if r.id not in self._tails:  # a finished run's log never changes: read it once
+                self._tails[r.id] = tail(Path(r.log_path), 30) if r.log_path else ""
+        history = [_experiment(r, self._tails.get(r.id, "")) for r in rows]
         objective = self.spec.objective
         return Context(
             incumbent=_experiment(inc),
@@ -429,16 +433,13 @@ class Loop:
     def _record(self, job: _Job, result: RunResult) -> None:
         """Judge a finished run; a would-be keep goes through the checks gate first."""
         row = job.row
-        if result.status == "lost" and result.reason.startswith("harness error"):
+        if result.status == "error":
             self._finish(row, result, judge.Decision("lost", None, None, result.reason), None)
             raise OvernightError(f"experiment #{row.id} could not be run: {result.reason}")
         if result.tampered:
             self._tampered(row, result)
             return
-        value, why = result.metrics.objective(self.spec.objective.metric)
-        inc = None if row.is_baseline else self._incumbent()
-        decision = judge.decide(self.spec.objective, result.status, value, why,
-                                inc.metric if inc else None, result.reason)
+        decision, inc = self._judge(row, result)
         if decision.status == "keep" and not row.is_baseline and self.spec.run.checks:
             fut = self.executor.submit_checks(job.request, self.spec.run.checks,
                                               self.spec.run.checks_timeout_seconds)
@@ -454,23 +455,20 @@ class Loop:
             self._finish(row, result, decision, None)
             return
         # Judge again: the incumbent may have moved while the checks ran.
+        self._finish(row, result, *self._judge(row, result))
+
+    def _judge(self, row: Row, result: RunResult) -> tuple[judge.Decision, Row | None]:
+        """The decision against the current incumbent (none for the baseline)."""
         value, why = result.metrics.objective(self.spec.objective.metric)
-        inc = self._incumbent()
+        inc = None if row.is_baseline else self._incumbent()
         decision = judge.decide(self.spec.objective, result.status, value, why,
                                 inc.metric if inc else None, result.reason)
-        self._finish(row, result, decision, inc)
+        return decision, inc
 
     def _tampered(self, row: Row, result: RunResult) -> None:
         """What ran is not what was committed: never a result. Retry once, then halt."""
-        self._free(row)
-        self.ledger.update(
-            row.id, status="tampered", metric=None, delta=None, metrics=result.metrics.values,
-            reason=result.tampered, returncode=result.returncode, integrity=result.integrity,
-            runtime_knobs=result.runtime_knobs, hardware=result.hardware,
-            started_at=result.started_at, finished_at=result.finished_at,
-        )
-        row = self._get(row.id)
-        self.report.finished(row, self._incumbent(), self._counted())
+        row = self._finish(row, result, judge.Decision("tampered", None, None, result.tampered),
+                           None)
         earlier = self._get(row.retry_of) if row.retry_of else None
         if earlier is None or earlier.status != "tampered":
             self.report.note(f"#{row.id} tampered: {result.tampered}; retrying it once from a "
@@ -486,7 +484,8 @@ class Loop:
         self.report.note(message)
 
     def _finish(self, row: Row, result: RunResult, decision: judge.Decision,
-                inc: Row | None) -> None:
+                inc: Row | None) -> Row:
+        """Record the decision (and a keep on the branch); the row as recorded."""
         self._free(row)
         update = dict(
             status=decision.status, metric=decision.metric, delta=decision.delta,
@@ -505,9 +504,10 @@ class Loop:
             self.ledger.update(row.id, **update)
         row = self._get(row.id)
         self._tidy(row)
-        if row.is_baseline and row.status not in ("keep", "lost"):
+        if row.is_baseline and row.status not in ("keep", "lost", "tampered"):
             raise ConfigError(self._baseline_failed(row))
         self.report.finished(row, self._incumbent(), self._counted())
+        return row
 
     def _keep_commit(self, row: Row, inc: Row, d: judge.Decision) -> str:
         metric = self.spec.objective.metric
@@ -611,8 +611,7 @@ class _Job:
     result: RunResult | None = None
 
 
-def _experiment(r: Row, with_log: bool = False) -> Experiment:
-    log = tail(Path(r.log_path), 30) if with_log and r.log_path else ""
+def _experiment(r: Row, log: str = "") -> Experiment:
     return Experiment(
         id=r.id, commit=r.commit_sha or "", parent=r.parent, status=r.status,
         metric=r.metric, description=r.description, knobs=r.knobs, is_baseline=r.is_baseline,

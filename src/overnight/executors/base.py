@@ -49,7 +49,8 @@ class RunRequest:
 
 @dataclass
 class RunResult:
-    status: str  # "ok" (exited 0), "crash", "timeout", "lost" (interrupted, worker vanished)
+    # "ok" (exited 0), "crash", "timeout", "lost" (interrupted), "error" (the harness failed)
+    status: str
     returncode: int | None
     started_at: float
     finished_at: float

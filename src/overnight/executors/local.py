@@ -129,7 +129,7 @@ class LocalExecutor(Executor):
             return self._run(req)
         except Exception as e:  # noqa: BLE001 - reported in the ledger, the loop goes on
             now = time.time()
-            return RunResult("lost", None, now, now, reason=f"harness error: {e}",
+            return RunResult("error", None, now, now, reason=f"harness error: {e}",
                              hardware=self._hardware.get(req.slot, ""))
 
     def cancel_all(self) -> None:
@@ -225,7 +225,7 @@ class LocalExecutor(Executor):
         self.repo.materialize(req.commit, req.workdir)
         req.artifacts.mkdir(parents=True)
         req.attest_path.parent.mkdir(parents=True)
-        token = f"{os.getpid()}-{req.experiment_id}-{uuid.uuid4().hex}"
+        token = _token(req)
         env = self._env(req, token)
         if req.attest:
             env.update(attest_env(req.attest_path, req.workdir, env.get("PYTHONPATH")))
@@ -280,7 +280,7 @@ class LocalExecutor(Executor):
             shutil.rmtree(where)
         self.repo.materialize(req.commit, where)
         log = req.run_dir / "checks.log"
-        token = f"{os.getpid()}-{req.experiment_id}-checks-{uuid.uuid4().hex}"
+        token = _token(req)
         ran = self._spawn(req, self._argv(req, command, where), where, self._env(req, token),
                           log, timeout, token)
         shutil.rmtree(where, ignore_errors=True)
@@ -343,6 +343,11 @@ class LocalExecutor(Executor):
             metrics=metrics, peak_rss_mb=ran.peak_mb or None, reason=reason, hardware=hardware,
             exited_at=ran.exited,
         )
+
+
+def _token(req: RunRequest) -> str:
+    """A mark unique to one process group of a run, carried in its environment."""
+    return f"{os.getpid()}-{req.experiment_id}-{uuid.uuid4().hex}"
 
 
 class _ExitWaiter:
