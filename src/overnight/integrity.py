@@ -54,6 +54,7 @@ from watchdog.observers.api import BaseObserver
 from overnight.errors import ConfigError
 from overnight.knobs import list_knobs
 from overnight.snapshot import GitError, Repo
+from overnight.tree import Tree
 
 FILE, EXECUTABLE, SYMLINK = "100644", "100755", "120000"  # git's modes, so both sides agree
 _CHUNK = 1 << 20
@@ -124,6 +125,14 @@ class Manifest:
         missing = _cat_batch(repo, list(wanted), consume) if wanted else []
         if missing:
             raise GitError(f"{commit[:10]}: {len(missing)} blob(s) missing from the repository")
+        return cls(dict(sorted(entries.items())))
+
+    @classmethod
+    def of_tree(cls, tree: Tree) -> Manifest:
+        entries = {}
+        for f in tree.files:
+            target = os.fsdecode(f.data) if f.mode == SYMLINK else ""
+            entries[f.path] = Entry(f.mode, f.sha256, target)
         return cls(dict(sorted(entries.items())))
 
     def to_json(self) -> dict[str, dict[str, str]]:

@@ -17,6 +17,7 @@ import zlib
 from pathlib import Path
 
 from overnight.errors import ConfigError, OvernightError
+from overnight.tree import EXECUTABLE, FILE, SYMLINK, Tree, TreeFile
 
 # Commits are made by the harness, so they carry its identity whatever the user's config says.
 _IDENTITY = {
@@ -52,6 +53,7 @@ class Repo:
         # what changed (objects are immutable, so the cache is never stale).
         self.blob_sha256: dict[str, str] = {}
         self.link_targets: dict[str, str] = {}  # blob id -> where a symlink with it points
+        self._blobs: dict[str, bytes] = {}  # blob id -> contents, for trees of candidates
 
     @classmethod
     def open(cls, path: Path) -> Repo:
@@ -229,6 +231,43 @@ class Repo:
                     out.append((prefix + name, mode, sha))
 
         walk(self.tree_of(commit), "")
+        return out
+
+    def tree(self, commit: str) -> Tree:
+        """The commit's files as committed bytes (one `cat-file --batch` for blobs not seen
+        before: candidates share almost all of theirs, and objects never change)."""
+        listing = self.listing(commit)
+        wanted = sorted({oid for _, _, oid in listing if oid not in self._blobs})
+        if wanted:
+            self._blobs.update(self._read_objects(wanted))
+        files = []
+        for path, mode, oid in listing:
+            data = self._blobs[oid]
+            mode = mode if mode in (EXECUTABLE, SYMLINK) else FILE
+            files.append(TreeFile(path, mode, data, self._sha256(oid, data)))
+        return Tree(commit, tuple(files))
+
+    def _sha256(self, oid: str, data: bytes) -> str:
+        digest = self.blob_sha256.get(oid)
+        if digest is None:
+            digest = self.blob_sha256[oid] = hashlib.sha256(data).hexdigest()
+        return digest
+
+    def _read_objects(self, oids: list[str]) -> dict[str, bytes]:
+        proc = subprocess.run(["git", "cat-file", "--batch"], cwd=self.root,
+                              input="".join(o + "\n" for o in oids).encode(),
+                              capture_output=True, env=self._env, check=False)
+        if proc.returncode != 0:
+            raise GitError(f"git cat-file failed: {proc.stderr.decode(errors='replace')}")
+        out, data, pos = {}, proc.stdout, 0
+        for oid in oids:
+            nl = data.index(b"\n", pos)
+            header = data[pos:nl].decode()
+            if header.endswith("missing"):
+                raise GitError(f"object {oid[:10]} is missing from the repository")
+            size = int(header.split()[2])
+            out[oid] = data[nl + 1: nl + 1 + size]
+            pos = nl + 1 + size + 1
         return out
 
     def commit_tree(self, tree: str, parent: str, message: str) -> str:
