@@ -27,14 +27,14 @@ class Bench:
     def __init__(self, repo: Path, slots: int = 1):
         self.repo = Repo(repo)
         self.commit = git(repo, "rev-parse", "HEAD")
-        self.executor = LocalExecutor(self.repo, slots, sample_interval=0.1)
+        self.executor = LocalExecutor(slots)
         self.runs = repo.parent / f"{repo.name}-runs"
 
     def request(self, experiment_id: int = 1, timeout: float = 20, grace: float = 0.5,
                 budget: float = 5, slot: int = 0, env: dict[str, str] | None = None,
                 metrics_file: str | None = None) -> RunRequest:
         return RunRequest(
-            experiment_id=experiment_id, commit=self.commit,
+            experiment_id=experiment_id, tree=self.repo.tree(self.commit), sandbox="none",
             run_dir=self.runs / str(experiment_id), command=f"{PYTHON} train.py",
             env=env or {}, budget_seconds=budget, timeout_seconds=timeout,
             kill_grace_seconds=grace, slot=slot, metrics_file=metrics_file,

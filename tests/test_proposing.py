@@ -50,7 +50,7 @@ class ModelLike(Proposer):
 def run(repo: Path, proposer: Proposer, n: int, slots: int = 1) -> None:
     spec = load_spec(repo)
     ledger = Ledger(repo / ".overnight" / "ledger.sqlite")
-    executor = LocalExecutor(Repo(repo), slots)
+    executor = LocalExecutor(slots)
     try:
         Loop(Repo(repo), spec, ledger, executor, TAG, lambda files: proposer,
              max_experiments=n).run()

@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 from conftest import rows, spec_toml
 
-from overnight.sandbox import is_secret, scrubbed_env
+from overnight.sandbox import experiment_env, is_secret
 
 TAG = "t"
 
 PROBE = """\
 import os
-for name in ("OPENAI_API_KEY", "HF_TOKEN", "DB_PASSWORD", "WANDB_API_KEY", "HARMLESS"):
+for name in ("OPENAI_API_KEY", "HF_TOKEN", "DB_PASSWORD", "WANDB_API_KEY", "HARMLESS",
+             "API_KEY", "SECRET_KEY", "OPENAI_KEY", "GITHUB_PAT", "DATABASE_URL", "CUDA_HOME"):
     print("env", name, "present" if name in os.environ else "absent")
 LEARNING_RATE = 0.001
 print("val_loss: 1.0")
@@ -30,17 +31,24 @@ def test_secret_names():
                  "AWS_ACCESS_KEY_ID", "GOOGLE_APPLICATION_CREDENTIALS", "db_password",
                  "AZURE_CLIENT_SECRET", "HF_TOKEN"):
         assert is_secret(name), name
-    for name in ("PATH", "HOME", "CUDA_VISIBLE_DEVICES", "TOKENIZERS_PARALLELISM", "PYTHONPATH"):
+    for name in ("PATH", "HOME", "CUDA_VISIBLE_DEVICES", "PYTHONPATH"):
         assert not is_secret(name), name
-    env, removed = scrubbed_env({"A_TOKEN": "x", "PATH": "/bin", "B_TOKEN": "y"}, ["B_TOKEN"])
-    assert env == {"PATH": "/bin", "B_TOKEN": "y"} and removed == ["A_TOKEN"]
+    env, withheld = experiment_env({"A_TOKEN": "x", "PATH": "/bin", "B_TOKEN": "y",
+                                     "API_KEY": "k", "DATABASE_URL": "postgres://u:pw@h/db",
+                                     "GITHUB_PAT": "p", "CUDA_HOME": "/cuda",
+                                     "UV_INDEX_PASSWORD": "pw"}, ["B_TOKEN"])
+    assert env == {"PATH": "/bin", "B_TOKEN": "y", "CUDA_HOME": "/cuda"}
+    assert withheld == ["API_KEY", "A_TOKEN", "DATABASE_URL", "GITHUB_PAT",
+                        "UV_INDEX_PASSWORD"]
 
 
 def test_experiments_do_not_see_the_harness_secrets(make_repo, cli):
     toml = spec_toml("grid", extra_run='allow_env = ["WANDB_API_KEY"]')
     repo = make_repo({"train.py": PROBE}, toml)
     secrets = {"OPENAI_API_KEY": "sk-test", "HF_TOKEN": "hf", "DB_PASSWORD": "pw",
-               "WANDB_API_KEY": "wb", "HARMLESS": "1"}
+               "WANDB_API_KEY": "wb", "HARMLESS": "1", "API_KEY": "k", "SECRET_KEY": "s",
+               "OPENAI_KEY": "o", "GITHUB_PAT": "g", "DATABASE_URL": "postgres://u:pw@db/x",
+               "CUDA_HOME": "/usr/local/cuda"}
     out = cli("run", "-t", TAG, "-n", "1", cwd=repo, env=secrets)
     assert out.returncode == 0, out.stderr
     log = Path(rows(repo, TAG)[0]["log_path"]).read_text()
@@ -48,7 +56,10 @@ def test_experiments_do_not_see_the_harness_secrets(make_repo, cli):
     assert "env HF_TOKEN absent" in log
     assert "env DB_PASSWORD absent" in log
     assert "env WANDB_API_KEY present" in log  # allowed by name in the spec
-    assert "env HARMLESS present" in log
+    # An allowlist, not a list of secret-looking names: what is not named stays out.
+    for name in ("HARMLESS", "API_KEY", "SECRET_KEY", "OPENAI_KEY", "GITHUB_PAT", "DATABASE_URL"):
+        assert f"env {name} absent" in log, name
+    assert "env CUDA_HOME present" in log
 
 
 SANDBOXED = """\
@@ -65,6 +76,8 @@ for target in (os.environ["PROBE_OUTSIDE"], os.path.expanduser("~/overnight-prob
         print("wrote outside", target)
     except OSError as e:
         print("write outside blocked", type(e).__name__)
+spec = os.path.join(os.path.dirname(os.environ["PROBE_OUTSIDE"]), "overnight.toml")
+print("saw the repository" if os.path.exists(spec) else "repository hidden")
 open("inside.txt", "w").write("ok")
 open(os.path.join(os.environ["OVERNIGHT_ARTIFACTS"], "a.txt"), "w").write("ok")
 open("/tmp/overnight-private-probe", "w").write("ok")
@@ -82,7 +95,8 @@ def test_bwrap_sandbox_blocks_network_and_writes_outside(make_repo, cli, tmp_pat
     accepted = []
     first = threading.Thread(target=lambda: accepted.append(server.accept()), daemon=True)
     first.start()
-    toml = spec_toml("grid", extra_run='sandbox = "bwrap"')
+    toml = spec_toml("grid", extra_run='sandbox = "bwrap"\nallow_env = ["PROBE_PORT", '
+                     '"PROBE_OUTSIDE"]')
     repo = make_repo({"train.py": SANDBOXED}, toml)
     outside = repo / "escaped.txt"  # the user's repository, beside the run directories
     env = {"PROBE_PORT": str(server.getsockname()[1]), "PROBE_OUTSIDE": str(outside)}
@@ -98,7 +112,10 @@ def test_bwrap_sandbox_blocks_network_and_writes_outside(make_repo, cli, tmp_pat
     row = rows(repo, TAG)[0]
     log = Path(row["log_path"]).read_text()
     assert "network blocked" in log and "network reached" not in log
-    assert "wrote outside" not in log and log.count("write outside blocked") == 2
+    # The repository and the home directory are not there at all: what it wrote where they
+    # are is a private scratch space that vanished with the run.
+    assert "repository hidden" in log and "saw the repository" not in log
+    assert not Path(os.path.expanduser("~/overnight-probe")).exists()
     assert "wrote inside" in log
     assert not outside.exists() and not accepted
     assert not Path("/tmp/overnight-private-probe").exists()  # its /tmp was private
@@ -106,14 +123,16 @@ def test_bwrap_sandbox_blocks_network_and_writes_outside(make_repo, cli, tmp_pat
     server.close()
 
 
-def test_bwrap_missing_is_a_clear_error(make_repo, cli, tmp_path):
+def test_bwrap_that_cannot_isolate_is_a_clear_error(make_repo, cli, tmp_path):
+    """As in a Docker container whose seccomp profile forbids user namespaces."""
     toml = spec_toml("grid", extra_run='sandbox = "bwrap"')
     repo = make_repo({"train.py": SANDBOXED}, toml)
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for tool in ("git", "sh"):
-        os.symlink(shutil.which(tool), bin_dir / tool)
-    out = cli("run", "-t", TAG, "-n", "1", cwd=repo, env={"PATH": str(bin_dir)})
-    assert out.returncode == 2
-    assert "bubblewrap is not installed" in out.stderr
-    assert "apt-get install bubblewrap" in out.stderr
+    fake = tmp_path / "bwrap"
+    fake.write_text("#!/bin/sh\n[ \"$1\" = --version ] && { echo bubblewrap 0.8.0; exit 0; }\n"
+                    "echo 'bwrap: No permissions to create new namespace' >&2; exit 1\n")
+    fake.chmod(0o755)
+    out = cli("run", "-t", TAG, "-n", "1", cwd=repo, env={"OVERNIGHT_BWRAP": str(fake)})
+    assert out.returncode == 2, out.stderr
+    assert "No permissions to create new namespace" in out.stderr
+    assert "overnight doctor" in out.stderr
+    assert rows(repo, TAG) == []

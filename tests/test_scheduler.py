@@ -30,6 +30,11 @@ if pids:
 """
 
 
+# The workload reports its pids to the test through a shared directory: unboxed runs (the
+# boxed equivalents are in test_hostile.py).
+UNBOXED = 'sandbox = "none"\nallow_env = ["TEST_PIDS", "TEST_HANG"]'
+
+
 def statuses(repo: Path) -> list[str]:
     return [r["status"] for r in rows(repo, TAG)]
 
@@ -249,7 +254,7 @@ def test_a_candidate_past_its_timeout_is_recorded_as_timeout(make_repo, cli):
 
 def test_kill_9_mid_experiment_then_resume_redoes_the_lost_work_once(make_repo, cli,
                                                                      background):
-    repo = make_repo({"train.py": train_py(0.001, HANG)}, spec_toml("grid"))
+    repo = make_repo({"train.py": train_py(0.001, HANG)}, spec_toml("grid", extra_run=UNBOXED))
     proc = background(repo, "-n", "4", TEST_HANG="candidates")
     hung, pids = wait_for_hanging_candidate(repo, background)
 
@@ -284,7 +289,7 @@ def test_kill_9_mid_experiment_then_resume_redoes_the_lost_work_once(make_repo, 
 
 
 def test_kill_9_during_the_baseline_then_resume(make_repo, cli, background):
-    repo = make_repo({"train.py": train_py(0.001, HANG)}, spec_toml("grid"))
+    repo = make_repo({"train.py": train_py(0.001, HANG)}, spec_toml("grid", extra_run=UNBOXED))
     proc = background(repo, "-n", "3", TEST_HANG="all")
     hung, pids = wait_for_hanging_candidate(repo, background, baseline=True)
     os.kill(proc.pid, signal.SIGKILL)
@@ -304,7 +309,8 @@ def test_kill_9_during_the_baseline_then_resume(make_repo, cli, background):
 
 
 def test_ctrl_c_stops_promptly_kills_the_experiment_and_resumes(make_repo, cli, background):
-    repo = make_repo({"train.py": train_py(0.001, HANG)}, spec_toml("grid", grace=1))
+    repo = make_repo({"train.py": train_py(0.001, HANG)},
+                     spec_toml("grid", grace=1, extra_run=UNBOXED))
     proc = background(repo, "-n", "3", TEST_HANG="candidates")
     hung, pids = wait_for_hanging_candidate(repo, background)
 
@@ -329,7 +335,8 @@ def test_ctrl_c_stops_promptly_kills_the_experiment_and_resumes(make_repo, cli, 
 
 
 def test_ctrl_c_with_two_slots_loses_both_and_redoes_each_once(make_repo, cli, background):
-    repo = make_repo({"train.py": train_py(0.001, HANG)}, spec_toml("perturb", grace=1))
+    repo = make_repo({"train.py": train_py(0.001, HANG)},
+                     spec_toml("perturb", grace=1, extra_run=UNBOXED))
     proc = background(repo, "-n", "4", "--parallel", "2", TEST_HANG="candidates")
 
     def two_running() -> list[dict] | None:
@@ -357,7 +364,8 @@ def test_ctrl_c_with_two_slots_loses_both_and_redoes_each_once(make_repo, cli, b
 
 
 def test_sigterm_is_handled_like_ctrl_c(make_repo, background):
-    repo = make_repo({"train.py": train_py(0.001, HANG)}, spec_toml("grid", grace=1))
+    repo = make_repo({"train.py": train_py(0.001, HANG)},
+                     spec_toml("grid", grace=1, extra_run=UNBOXED))
     proc = background(repo, "-n", "3", TEST_HANG="candidates")
     hung, pids = wait_for_hanging_candidate(repo, background)
     os.kill(proc.pid, signal.SIGTERM)

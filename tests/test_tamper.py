@@ -148,7 +148,7 @@ def test_rewrite_before_launch_is_caught_before_anything_runs(repo: Path, tmp_pa
     tmp = work / "train.py.tmp"
     tmp.write_text(text.replace("SCALAR_LR = 0.5", "SCALAR_LR = 0.3"))
     tmp.replace(work / "train.py")
-    guard = RunGuard(r, head, work)
+    guard = RunGuard(r.tree(head), work)
     with guard:
         assert guard.tampered_before_launch
     verdict = guard.verdict(None)

@@ -39,7 +39,7 @@ class Scripted(Proposer):
 def run_loop(repo: Path, edits: list, n: int) -> list[dict]:
     spec = load_spec(repo)
     ledger = Ledger(repo / ".overnight" / "ledger.sqlite")
-    executor = LocalExecutor(Repo(repo), 1)
+    executor = LocalExecutor(1)
     try:
         Loop(Repo(repo), spec, ledger, executor, TAG, lambda files: Scripted(edits),
              max_experiments=n).run()

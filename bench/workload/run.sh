@@ -1,6 +1,7 @@
 # Trivial workload for bench/overhead.py, shell-cheap: bash start-up plus one awk call.
 # Computes the same val_loss as train.py from train.py's knobs, and appends
-# "<experiment id> <start> <exit>" to $BENCH_TIMES ($EPOCHREALTIME: no fork to read the clock).
+# prints "BENCH_TIMES <experiment id> <start> <exit>" last ($EPOCHREALTIME: no fork to read the
+# clock; on stdout, because a boxed run cannot write outside its own directories).
 t0=$EPOCHREALTIME
 awk -F' *= *' '
   $1 == "LEARNING_RATE" { a = $2 } $1 == "WEIGHT_DECAY" { b = $2 } $1 == "WARMUP_RATIO" { c = $2 }
@@ -8,4 +9,4 @@ awk -F' *= *' '
 ' train.py
 [ "${BENCH_WORK_SECONDS:-0}" = 0 ] || sleep "$BENCH_WORK_SECONDS"
 t1=$EPOCHREALTIME
-[ -z "${BENCH_TIMES:-}" ] || echo "${OVERNIGHT_EXPERIMENT_ID:--} $t0 $t1" >> "$BENCH_TIMES"
+echo "BENCH_TIMES ${OVERNIGHT_EXPERIMENT_ID:--} $t0 $t1"

