@@ -59,7 +59,8 @@ elif mode == "hang":
 def make_spec(command: str, timeout: float = 30) -> Spec:
     return parse_spec({
         "objective": {"metric": "val_loss", "direction": "lower"},
-        "run": {"command": "python train.py", "kill_grace_seconds": 0.5},
+        # Unboxed: the fake agent reports what it saw through files of the test.
+        "run": {"command": "python train.py", "kill_grace_seconds": 0.5, "sandbox": "none"},
         "files": {"editable": ["train.py"], "protected": ["prepare.py"]},
         "proposer": {"kind": "agent"},
         "agent": {"command": command, "timeout_seconds": timeout},
@@ -194,11 +195,9 @@ def test_prompt_file_placeholder(setup: Setup) -> None:
 STEPPING_AGENT = '''\
 import re, sys
 from pathlib import Path
-calls = Path(sys.argv[1])  # the agent's memory: how many times it was asked
-n = int(calls.read_text()) + 1 if calls.exists() else 1
-calls.write_text(str(n))
 train = Path("train.py")
-text = re.sub(r"LEARNING_RATE = [0-9.e-]+", f"LEARNING_RATE = {0.001 + 0.001 * n:.3f}",
+lr = float(re.search(r"LEARNING_RATE = ([0-9.e-]+)", train.read_text()).group(1))
+text = re.sub(r"LEARNING_RATE = [0-9.e-]+", f"LEARNING_RATE = {lr + 0.001:.3f}",
               train.read_text())
 train.write_text(text)
 Path("prepare.py").write_text("DATA = 'rewritten by the agent'\\n")
@@ -226,8 +225,9 @@ protected = ["prepare.py"]
 kind = "agent"
 
 [agent]
-command = "{PYTHON} {agent} {tmp_path / 'calls'} {{prompt}}"
+command = "{PYTHON} {agent} {{prompt}}"
 timeout_seconds = 30
+readable = ["{agent}"]  # the agent's own program, outside the box otherwise
 """
     repo = create_repo(tmp_path / "r", {"train.py": train_py(0.001), "prepare.py": PREPARE},
                        toml)
@@ -235,6 +235,53 @@ timeout_seconds = 30
     assert out.returncode == 0, out.stdout + out.stderr
     assert "discarded the agent's changes to prepare.py (protected)" in out.stdout
     log = git(repo, "log", "--format=%s", "overnight/a").splitlines()
-    assert len(log) == 3 and all(line.startswith("val_loss ") for line in log[:2])
+    # Boxed, the agent keeps no memory between calls: it steps from the incumbent it is shown
+    # (a prefetched proposal may repeat the one before it and be rejected as a duplicate).
+    assert len(log) >= 2 and all(line.startswith("val_loss ") for line in log[:-1])
     assert git(repo, "show", "overnight/a:prepare.py") == PREPARE.strip()
-    assert "LEARNING_RATE = 0.003" in git(repo, "show", "overnight/a:train.py")
+    assert "LEARNING_RATE = 0.001" not in git(repo, "show", "overnight/a:train.py")
+
+
+BOXED_AGENT = '''\
+import os, sys
+from pathlib import Path
+repo = sys.argv[1]
+print("repo visible" if os.path.exists(os.path.join(repo, "prepare.py")) else "repo hidden")
+ledger = os.path.join(repo, ".overnight", "ledger.sqlite")
+print("ledger visible" if os.path.exists(ledger) else "ledger hidden")
+for name in ("ANTHROPIC_API_KEY", "GITHUB_TOKEN", "AWS_SECRET_ACCESS_KEY"):
+    print(name, "present" if name in os.environ else "absent")
+print("gpus", repr(os.environ.get("CUDA_VISIBLE_DEVICES")))
+print("caps", [l.split()[1] for l in open("/proc/self/status") if l.startswith("CapEff")][0])
+print("git ran" if os.path.exists(".git") else "no .git in the checkout")
+train = Path("train.py")
+train.write_text(train.read_text().replace("LEARNING_RATE = 0.001", "LEARNING_RATE = 0.003"))
+'''
+
+
+def test_the_agent_runs_boxed_with_only_its_own_key(setup: Setup, monkeypatch) -> None:
+    """A coding agent is untrusted too: its checkout, its key, nothing of the harness."""
+    script = setup.tmp / "boxed_agent.py"
+    script.write_text(BOXED_AGENT)
+    for name, value in (("ANTHROPIC_API_KEY", "sk-ant"), ("GITHUB_TOKEN", "ghp"),
+                        ("AWS_SECRET_ACCESS_KEY", "aws")):
+        monkeypatch.setenv(name, value)
+    spec = parse_spec({
+        "objective": {"metric": "val_loss"}, "run": {"command": "python train.py"},
+        "files": {"editable": ["train.py"], "protected": ["prepare.py"]},
+        "proposer": {"kind": "agent"},
+        "agent": {"command": f"{PYTHON} {shlex.quote(str(script))} {setup.root}",
+                  "readable": [str(script)]},
+    })
+    (setup.root / ".overnight").mkdir()
+    (setup.root / ".overnight" / "ledger.sqlite").write_text("the truth")
+    setup.scratch = setup.root / ".overnight" / "scratch"
+    p = AgentProposer(spec, setup.repo, setup.scratch)
+    assert p.isolation == "bwrap"
+    proposal = p.propose(setup.context())
+    assert proposal.edits == {"train.py": TRAIN.replace("0.001", "0.003")}
+    log = next(setup.scratch.glob("agent-*.log")).read_text()
+    assert "repo hidden" in log and "ledger hidden" in log, log
+    assert "ANTHROPIC_API_KEY present" in log
+    assert "GITHUB_TOKEN absent" in log and "AWS_SECRET_ACCESS_KEY absent" in log
+    assert "gpus ''" in log and "caps 0000000000000000" in log

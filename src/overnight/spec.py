@@ -117,6 +117,11 @@ class Agent(_Section):
 
     command: str = Field(min_length=1)  # e.g. "claude -p {prompt}"; {prompt} is shell-quoted
     timeout_seconds: float = Field(default=900, gt=0)
+    # The agent runs boxed like an experiment, with the network: only these of the harness's
+    # secret variables reach it (its own API key), and these paths are bound in read-only.
+    allow_env: list[str] = Field(default_factory=lambda: [
+        "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "OPENAI_API_KEY", "OPENAI_BASE_URL"])
+    readable: list[str] = Field(default_factory=list)
 
 
 class Search(_Section):

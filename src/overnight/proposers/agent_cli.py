@@ -19,14 +19,14 @@ import logging
 import os
 import shlex
 import shutil
-import signal
-import subprocess
 import tempfile
-import time
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from overnight.errors import ConfigError
+from overnight.executors.runner import Launch, spawn
+from overnight.metrics import tail
 from overnight.proposers.base import Context, Proposal, Proposer, Usage
 from overnight.proposers.edits import (
     EditError,
@@ -39,6 +39,7 @@ from overnight.proposers.edits import (
 )
 from overnight.proposers.prompt import AGENT_PROMPT_CHARS, task_prompt
 from overnight.regions import check_edit
+from overnight.sandbox import experiment_env, resolve
 from overnight.snapshot import Repo
 from overnight.spec import Spec
 
@@ -79,6 +80,7 @@ class AgentProposer(Proposer):
         self.kill_grace = spec.run.kill_grace_seconds
         self.repo = repo
         self.scratch_root = scratch_root
+        self.isolation = resolve(spec.run.sandbox)
 
     def propose(self, ctx: Context) -> Proposal:
         self.scratch_root.mkdir(parents=True, exist_ok=True)
@@ -112,37 +114,26 @@ class AgentProposer(Proposer):
         return prompt
 
     def _run(self, prompt: str, tree: Path) -> AgentRun:
+        """The agent runs boxed like an experiment: its own checkout writable, the network
+        reachable, only its own API key, no GPU, no view of the repository, `.overnight/` or
+        other runs."""
         log_path = tree.parent / f"{tree.name}.log"
         prompt_file = tree.parent / f"{tree.name}.prompt.md"
         prompt_file.write_text(prompt)
         # {prompt_file} first: the prompt text itself may contain the string "{prompt_file}".
         command = self.cfg.command.replace("{prompt_file}", shlex.quote(str(prompt_file)))
         command = command.replace("{prompt}", shlex.quote(prompt))
-        # The checkout may sit inside the user's repository (.overnight/...): stop git's
-        # upward search there, so an agent's `git checkout` cannot reach the user's tree.
-        env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(tree.parent.resolve())}
-        start = time.monotonic()
-        with open(log_path, "wb") as out:
-            proc = subprocess.Popen(
-                ["/bin/sh", "-c", command], cwd=tree, env=env, stdin=subprocess.DEVNULL,
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-            returncode: int | None
-            try:
-                returncode = proc.wait(timeout=self.cfg.timeout_seconds)
-            except subprocess.TimeoutExpired:
-                returncode = None
-                _signal_group(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=self.kill_grace)
-                except subprocess.TimeoutExpired:
-                    pass  # it gets SIGKILL below
-            finally:
-                # Whatever the agent left running in its group goes with it.
-                _signal_group(proc.pid, signal.SIGKILL)
-                proc.wait()
-        output = log_path.read_text(errors="replace")
-        return AgentRun(returncode, time.monotonic() - start, output, log_path)
+        env, _ = experiment_env(dict(os.environ), self.cfg.allow_env)
+        # Stop git's upward search at the checkout: an agent's `git checkout` cannot reach
+        # the user's tree (unboxed, where the repository is visible).
+        env.update(GIT_CEILING_DIRECTORIES=str(tree.parent.resolve()), CUDA_VISIBLE_DEVICES="")
+        launch = Launch(command, tree, log_path, self.cfg.timeout_seconds, self.kill_grace,
+                        readable=[prompt_file, *map(Path, self.cfg.readable)],
+                        hidden=[self.repo.root, self.scratch_root], network=True)
+        ran = spawn(self.isolation, launch, env, threading.Event(), f"agent-{tree.name}")
+        output = tail(log_path, 10_000)
+        returncode = None if ran.timed_out else ran.returncode
+        return AgentRun(returncode, ran.seconds, output, log_path)
 
     # -- turning the checkout into a proposal ----------------------------------------------
 
@@ -241,13 +232,6 @@ class AgentProposer(Proposer):
             added = self.repo.git("ls-files", "--others", "--exclude-standard", "--directory",
                                   "-z", env=env)
         return _split_z(modified), _split_z(added)
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass  # the group is gone already (PermissionError: only zombies left, on macOS)
 
 
 def _split_z(out: str) -> list[str]:
