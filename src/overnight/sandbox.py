@@ -300,10 +300,23 @@ def bwrap_args(bw: Bwrap, box: Box) -> list[str]:
     for p in [work, *(os.path.realpath(w) for w in box.writable)]:
         args += ["--bind", p, p]
     if len(box.readonly_files) <= MAX_READONLY_BINDS:
+        # Directories holding committed files become mount points (still writable, for
+        # outputs), so they cannot be renamed away; the files themselves are read-only.
+        dirs = {os.path.dirname(rel) for rel in box.readonly_files} - {""}
+        dirs |= {d for rel in dirs for d in _parents(rel)}
+        for rel in sorted(dirs):
+            p = os.path.join(work, rel)
+            if os.path.isdir(p) and not os.path.islink(p):
+                args += ["--bind", p, p]
         for rel in box.readonly_files:
             p = os.path.join(work, rel)
             args += ["--ro-bind", p, p]
     return args + ["--chdir", work]
+
+
+def _parents(rel: str) -> list[str]:
+    parts = rel.split("/")
+    return ["/".join(parts[:i]) for i in range(1, len(parts))]
 
 
 def interpreter_paths() -> list[Path]:

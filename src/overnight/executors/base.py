@@ -37,6 +37,7 @@ class RunRequest:
     hidden: tuple[Path, ...] = ()  # never visible to the experiment (the repository)
     devices: tuple[str, ...] = ()  # device nodes passed through besides the GPUs found
     project_venv: Path | None = None  # the repository's .venv, for `uv run`
+    tmp_bytes: int = 4 << 30  # size of the box's private /tmp and /dev/shm, each
 
     @property
     def commit(self) -> str:

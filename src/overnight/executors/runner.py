@@ -29,7 +29,7 @@ from overnight.executors import process
 from overnight.executors.base import CheckResult, RunRequest, RunResult
 from overnight.guard import RunGuard, attest_env
 from overnight.metrics import Metrics, MetricStream, UnsafeFile, merge_json_file, tail
-from overnight.tree import Tree
+from overnight.tree import SYMLINK, Tree
 
 METRICS_FILE_MAX_BYTES = 1 << 20
 
@@ -49,6 +49,7 @@ class Launch:
     readonly_files: list[str] = field(default_factory=list)  # under cwd: committed files
     devices: list[str] = field(default_factory=list)
     network: bool = False
+    tmp_bytes: int = 4 << 30
     listeners: list[Callable[[bytes], None]] = field(default_factory=list)
 
     @classmethod
@@ -57,9 +58,9 @@ class Launch:
         """A process of this run, boxed as the request says."""
         return cls(command, cwd, log, timeout, req.kill_grace_seconds,
                    readable=list(req.readable), hidden=list(req.hidden),
-                   readonly_files=[f.path for f in tree.files],
+                   readonly_files=[f.path for f in tree.files if f.mode != SYMLINK],
                    devices=sandbox.gpu_devices(tuple(req.devices)), network=req.network,
-                   **more)
+                   tmp_bytes=req.tmp_bytes, **more)
 
 
 def run(req: RunRequest, cancel: threading.Event, hardware: str = "",
@@ -198,7 +199,7 @@ def spawn(mode: str, launch: Launch, env: dict[str, str], cancel: threading.Even
                 workdir=launch.cwd, writable=launch.writable,
                 readable=[*sandbox.interpreter_paths(), *launch.readable],
                 hidden=launch.hidden, readonly_files=launch.readonly_files,
-                devices=launch.devices, network=launch.network)
+                devices=launch.devices, network=launch.network, tmp_bytes=launch.tmp_bytes)
             args = sandbox.bwrap_args(bw, box)
             if bw.has_args:  # any number of binds, whatever the command-line limit
                 memfd = os.memfd_create("overnight-bwrap-args")
