@@ -130,6 +130,10 @@ def run(
 def _summary(ws, tag: str) -> None:  # noqa: ANN001
     from overnight.report import status_view
 
+    if ws.spec.run.sandbox == "none":
+        err_console.print('[bold yellow]warning:[/] [run] sandbox = "none": experiments run '
+                          "unboxed and could have read or changed anything overnight can; "
+                          "`overnight doctor` says what this machine allows")
     ledger = ws.ledger()
     try:
         console.print(status_view(ledger, tag, ws.spec.objective))

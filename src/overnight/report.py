@@ -203,6 +203,14 @@ def show_view(row: Row, objective: Objective, diff: str, log_lines: int = 20) ->
     if integrity.get("watch_unavailable"):
         out.append(Text(f"  note         live watch: {integrity['watch_unavailable']}",
                         style="yellow"))
+    if integrity.get("sandbox"):
+        out.append(Text(f"  isolation    {integrity['sandbox']}",
+                        style="yellow" if integrity["sandbox"] == "none" else ""))
+    withheld = integrity.get("withheld_env") or []
+    if withheld and row.status in ("crash", "timeout"):
+        out.append(Text(f"  withheld     {len(withheld)} of your variables were not passed to "
+                        "the run (add a name to [run] allow_env to pass it): "
+                        + ", ".join(withheld), style="yellow"))
     if row.tokens_in or row.tokens_out:
         out.append(Text(f"  proposer     {row.proposer}: {row.tokens_in:,} tokens in, "
                         f"{row.tokens_out:,} out, ${row.cost_usd:.4f}"))

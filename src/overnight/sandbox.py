@@ -29,9 +29,11 @@ from overnight.errors import ConfigError
 # -- the environment: an allowlist ---------------------------------------------------------
 
 _PASS = {"PATH", "HOME", "USER", "LOGNAME", "TERM", "TZ", "TMPDIR", "LANG", "LANGUAGE",
-         "VIRTUAL_ENV", "LD_LIBRARY_PATH", "TORCH_HOME", "HF_HOME", "SHELL", "COLUMNS"}
+         "VIRTUAL_ENV", "LD_LIBRARY_PATH", "TORCH_HOME", "HF_HOME", "SHELL", "COLUMNS",
+         # Certificate bundles: only the path to public CA certificates, for network = true.
+         "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"}
 _PASS_PREFIXES = ("LC_", "CUDA_", "NCCL_", "OMP_", "MKL_", "OPENBLAS_", "PYTHON", "CONDA_",
-                  "UV_", "TRITON_", "XDG_", "OVERNIGHT_", "NVIDIA_", "ROCR_", "HIP_")
+                  "UV_", "TRITON_", "XDG_", "OVERNIGHT_", "NVIDIA_", "ROCR_", "HIP_", "PYENV_")
 
 # Even an allowed prefix never carries a credential (UV_INDEX_PASSWORD, CONDA_TOKEN).
 SECRET_PATTERNS = (
