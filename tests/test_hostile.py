@@ -391,7 +391,7 @@ elif kind == "flood":
 """
 
 
-@pytest.mark.parametrize("kind", ["flood"])
+@pytest.mark.parametrize("kind", ["fifo", "sparse", "symlink", "flood"])
 def test_files_the_harness_reads_cannot_hang_or_bloat_it(harness: Harness, kind: str):
     repo = harness.repo(SPECIAL_METRICS_FILE, 'metrics_file = "results.json"\n'
                         'allow_env = ["KIND"]\n')

@@ -24,6 +24,7 @@ from overnight.integrity import (
     verify,
 )
 from overnight.knobs import list_knobs
+from overnight.metrics import read_regular
 from overnight.tree import Tree
 
 
@@ -136,8 +137,14 @@ def attest_env(out: Path, root: Path, pythonpath: str | None) -> dict[str, str]:
     return env
 
 
+ATTESTATION_MAX_BYTES = 16 << 20
+
+
 def load_json(path: Path) -> dict:
+    """An attestation the run wrote: only a regular file, within a size cap, never blocking
+    (the experiment could leave a FIFO or a huge sparse file there)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        data = json.loads(read_regular(path, ATTESTATION_MAX_BYTES))
+    except (OSError, ValueError):  # UnsafeFile is a ValueError
         return {}
+    return data if isinstance(data, dict) else {}

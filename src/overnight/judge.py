@@ -24,7 +24,8 @@ def decide(objective: Objective, run_status: str, value: float | None, why_none:
         return Decision("crash", None, None, run_reason)
     if value is None:
         # Exit 0 without a usable objective is a crash, never a number.
-        return Decision("crash", None, None, why_none or run_reason)
+        why = "; ".join(w for w in (why_none, run_reason) if w)
+        return Decision("crash", None, None, why)
     if incumbent is None:
         return Decision("keep", value, None, "baseline")
     delta = value - incumbent
