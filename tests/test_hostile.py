@@ -518,3 +518,36 @@ def test_the_private_tmp_has_a_size(harness: Harness):
     out = harness.run(repo, "run", "-t", TAG, "-n", "1")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "TMP full 28" in log_of(ledger_rows(repo)[0])  # ENOSPC in the box, not the harness
+
+
+FORK_BOMB = """\
+import os, time
+LEARNING_RATE = 0.001
+children = []
+try:
+    for _ in range(400):
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(30)
+            os._exit(0)
+        children.append(pid)
+    print("FORKS unbounded", len(children))
+except OSError as e:
+    print("FORKS bounded at", len(children), e.errno)
+print(f"val_loss: {1.0 + abs(LEARNING_RATE - 0.004) * 100:.6f}")
+"""
+
+
+def test_a_run_has_a_process_limit(harness: Harness):
+    from overnight.executors.cgroups import pids_root
+
+    repo = harness.repo(FORK_BOMB, "max_processes = 64\n")
+    out = harness.run(repo, "run", "-t", TAG, "-n", "1")
+    assert out.returncode == 0, out.stdout + out.stderr
+    log = log_of(ledger_rows(repo)[0])
+    if harness.user == "root":
+        assert pids_root() is not None, "root can make a pids cgroup here"
+        assert "FORKS bounded at" in log, log
+        assert int(log.split("FORKS bounded at ")[1].split()[0]) < 64
+    else:  # no cgroup to delegate to an unprivileged harness: `doctor` says so
+        assert "FORKS" in log

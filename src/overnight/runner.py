@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 
 from overnight import sandbox
+from overnight.executors import cgroups
 from overnight.executors.local import LocalExecutor, resolve_slots
 from overnight.proposers import make_proposer
 from overnight.report import ConsoleReporter
@@ -25,6 +26,7 @@ def run_loop(ws: Workspace, console: Console, tag: str | None = None,
         run = run.model_copy(update={"parallel": parallel})
     spec = spec.model_copy(update={"run": run})
     ws.preflight()
+    cgroups.sweep()  # what a harness killed with -9 left behind
     slots, gpus = resolve_slots(run.parallel)
     ledger = ws.ledger()
     try:

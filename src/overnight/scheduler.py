@@ -426,7 +426,7 @@ class Loop:
             evaluate_timeout=evaluate.timeout_seconds if evaluate else 600,
             readable=(venv,) if venv.is_dir() else (), hidden=(self.repo.root, self.runs_root),
             devices=tuple(run.devices), project_venv=venv if venv.is_dir() else None,
-            tmp_bytes=run.tmp_size_mb << 20,
+            tmp_bytes=run.tmp_size_mb << 20, max_processes=run.max_processes,
         )
         self.ledger.update(row.id, status="running", slot=slot, run_dir=str(run_dir),
                            log_path=str(req.log_path))

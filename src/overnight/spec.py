@@ -48,6 +48,7 @@ class Run(_Section):
     network: bool = False  # may the experiment reach the network (sandboxed modes)
     devices: list[str] = Field(default_factory=list)  # device nodes besides the GPUs found
     tmp_size_mb: int = Field(default=4096, gt=0)  # the box's private /tmp and /dev/shm, each
+    max_processes: int = Field(default=4096, ge=16)  # processes and threads of one run
     checks: str | None = None  # run on a candidate that beat the incumbent; failing -> not kept
     checks_timeout_seconds: float = Field(default=600, gt=0)
     on_tamper: Literal["halt", "continue"] = "halt"

@@ -38,6 +38,7 @@ class RunRequest:
     devices: tuple[str, ...] = ()  # device nodes passed through besides the GPUs found
     project_venv: Path | None = None  # the repository's .venv, for `uv run`
     tmp_bytes: int = 4 << 30  # size of the box's private /tmp and /dev/shm, each
+    max_processes: int = 4096  # processes (and threads) a run may have at once
 
     @property
     def commit(self) -> str:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from overnight import sandbox
 from overnight.errors import OvernightError
-from overnight.executors import process
+from overnight.executors import cgroups, process
 from overnight.executors.base import CheckResult, RunRequest, RunResult
 from overnight.guard import RunGuard, attest_env
 from overnight.metrics import Metrics, MetricStream, UnsafeFile, merge_json_file, tail
@@ -50,6 +50,7 @@ class Launch:
     devices: list[str] = field(default_factory=list)
     network: bool = False
     tmp_bytes: int = 4 << 30
+    max_processes: int = 4096
     listeners: list[Callable[[bytes], None]] = field(default_factory=list)
 
     @classmethod
@@ -60,7 +61,7 @@ class Launch:
                    readable=list(req.readable), hidden=list(req.hidden),
                    readonly_files=[f.path for f in tree.files if f.mode != SYMLINK],
                    devices=sandbox.gpu_devices(tuple(req.devices)), network=req.network,
-                   tmp_bytes=req.tmp_bytes, **more)
+                   tmp_bytes=req.tmp_bytes, max_processes=req.max_processes, **more)
 
 
 def run(req: RunRequest, cancel: threading.Event, hardware: str = "",
@@ -212,8 +213,10 @@ def spawn(mode: str, launch: Launch, env: dict[str, str], cancel: threading.Even
             term_leader = False  # TERM the experiment; bwrap's death would KILL it
         elif mode == "user":
             raise OvernightError('sandbox "user" is not available in this build yet')
-        return process.spawn(argv, launch.cwd, env, sink, launch.timeout, launch.grace,
-                             cancel, token=token, pass_fds=fds, term_leader=term_leader)
+        with cgroups.PidsLimit(launch.max_processes) as limit:
+            return process.spawn(limit.wrap(argv), launch.cwd, env, sink, launch.timeout,
+                                 launch.grace, cancel, token=token, pass_fds=fds,
+                                 term_leader=term_leader)
     finally:
         sink.close()
         if memfd is not None:
