@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -168,3 +170,29 @@ def test_the_system_and_the_bundled_bubblewrap_both_box_a_run(make_repo, cli, wh
     log = Path(rows(repo, TAG)[0]["log_path"]).read_text()
     assert "caps 0000000000000000" in log and "tmp bounded" in log
     assert int(log.split("pids ")[1].split()[0]) < 10
+
+
+UV_SCRIPT = """\
+import sys
+LEARNING_RATE = 0.001
+print("exe", sys.executable)
+print("val_loss: 1.0")
+"""
+
+
+def test_uv_run_in_the_box_uses_the_repository_environment(make_repo, cli):
+    """`uv run` inside a run directory: the repository's .venv (bound read-only), offline,
+    no sync, no new .venv in the work tree."""
+    uv = Path(sys.executable).parent / "uv"
+    pyproject = ('[project]\nname = "uvp"\nversion = "0.1"\nrequires-python = ">=3.10"\n'
+                 "dependencies = []\n")
+    toml = spec_toml("grid").replace(f'command = "{sys.executable} train.py"',
+                                     f'command = "{uv} run train.py"')
+    repo = make_repo({"train.py": UV_SCRIPT, "pyproject.toml": pyproject,
+                      ".gitignore": ".venv\n"}, toml)
+    subprocess.run([str(uv), "sync", "--offline", "-q"], cwd=repo, check=True)
+    out = cli("run", "-t", TAG, "-n", "1", cwd=repo)
+    assert out.returncode == 0, out.stdout + out.stderr
+    row = rows(repo, TAG)[0]
+    assert f"exe {repo}/.venv/bin/python" in Path(row["log_path"]).read_text()
+    assert not (Path(row["run_dir"]) / "work" / ".venv").exists()

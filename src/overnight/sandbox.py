@@ -332,6 +332,20 @@ def _parents(rel: str) -> list[str]:
     return ["/".join(parts[:i]) for i in range(1, len(parts))]
 
 
+def venv_paths(venv: Path) -> list[Path]:
+    """A virtual environment and the Python it was made from (`home` in pyvenv.cfg: a
+    uv-managed or pyenv Python under a hidden home)."""
+    paths = [venv]
+    try:
+        for line in (venv / "pyvenv.cfg").read_text().splitlines():
+            key, _, value = line.partition("=")
+            if key.strip() == "home" and value.strip():
+                paths.append(Path(os.path.realpath(value.strip())).parent)
+    except OSError:
+        pass
+    return paths
+
+
 def interpreter_paths() -> list[Path]:
     """What a run needs to read to start this Python and the tools on PATH, wherever they
     live (a 0700 home, a virtual environment under /tmp)."""

@@ -24,6 +24,7 @@ from overnight.knobs import read_knobs
 from overnight.ledger import Ledger, Row
 from overnight.metrics import tail
 from overnight.proposers.base import Context, Experiment, Proposal, Proposer, fingerprint
+from overnight.sandbox import venv_paths
 from overnight.snapshot import Repo, branch_ref, candidate_ref
 from overnight.spec import Spec
 from overnight.tree import Tree
@@ -424,7 +425,8 @@ class Loop:
             evaluate=evaluate.command if evaluate else None,
             evaluate_tree=self._tree(self._baseline_commit()) if evaluate else None,
             evaluate_timeout=evaluate.timeout_seconds if evaluate else 600,
-            readable=(venv,) if venv.is_dir() else (), hidden=(self.repo.root, self.runs_root),
+            readable=tuple(venv_paths(venv)) if venv.is_dir() else (),
+            hidden=(self.repo.root, self.runs_root),
             devices=tuple(run.devices), project_venv=venv if venv.is_dir() else None,
             tmp_bytes=run.tmp_size_mb << 20, max_processes=run.max_processes,
         )

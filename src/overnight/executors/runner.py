@@ -172,7 +172,7 @@ def _env(req: RunRequest, gpu: str | None) -> tuple[dict[str, str], list[str]]:
         "PYTHONUNBUFFERED": "1",  # so the log shows progress as it goes
         # `uv run` uses the repository's environment as it is: no new .venv in the work
         # tree, no sync, no network.
-        "UV_NO_SYNC": "1", "UV_OFFLINE": "1",
+        "UV_NO_SYNC": "1", "UV_OFFLINE": "1", "UV_NO_CACHE": "1",
     })
     if req.project_venv:
         env["UV_PROJECT_ENVIRONMENT"] = str(req.project_venv)
