@@ -196,3 +196,12 @@ def test_uv_run_in_the_box_uses_the_repository_environment(make_repo, cli):
     row = rows(repo, TAG)[0]
     assert f"exe {repo}/.venv/bin/python" in Path(row["log_path"]).read_text()
     assert not (Path(row["run_dir"]) / "work" / ".venv").exists()
+
+
+def test_secrets_printed_by_a_run_are_redacted_before_any_prompt():
+    from overnight.sandbox import redact
+
+    env = {"WANDB_API_KEY": "wb-0123456789", "HOME": "/home/someone-long", "X_TOKEN": "short"}
+    text = "logging in with wb-0123456789 from /home/someone-long\nshort\n"
+    assert redact(text, env) == ("logging in with [WANDB_API_KEY redacted] from "
+                                 "/home/someone-long\nshort\n")

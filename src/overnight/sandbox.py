@@ -69,6 +69,16 @@ def experiment_env(base: dict[str, str], allow: list[str] | tuple[str, ...] = ()
     return env, sorted(withheld)
 
 
+def redact(text: str, env: dict[str, str] | None = None) -> str:
+    """`text` with the value of every secret-looking variable of ours (`env`, default the
+    harness's environment) replaced: an experiment allowed a key could still print it."""
+    env = os.environ if env is None else env
+    for name, value in env.items():
+        if len(value) >= 8 and is_secret(name) and value in text:
+            text = text.replace(value, f"[{name} redacted]")
+    return text
+
+
 # -- what this machine can do ----------------------------------------------------------------
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from overnight.knobs import read_knobs
 from overnight.ledger import Ledger, Row
 from overnight.metrics import tail
 from overnight.proposers.base import Context, Experiment, Proposal, Proposer, fingerprint
-from overnight.sandbox import venv_paths
+from overnight.sandbox import redact, venv_paths
 from overnight.snapshot import Repo, branch_ref, candidate_ref
 from overnight.spec import Spec
 from overnight.tree import Tree
@@ -288,7 +288,8 @@ class Loop:
         failed = [r for r in rows if r.status in ("crash", "timeout")][-10:]
         for r in failed:
             if r.id not in self._tails:  # a finished run's log never changes: read it once
-                self._tails[r.id] = tail(Path(r.log_path), 30) if r.log_path else ""
+                # The tail goes into a model's prompt: no secret of ours may ride along.
+                self._tails[r.id] = redact(tail(Path(r.log_path), 30)) if r.log_path else ""
         history = [_experiment(r, self._tails.get(r.id, "")) for r in rows]
         objective = self.spec.objective
         return Context(
