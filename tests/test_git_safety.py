@@ -20,7 +20,11 @@ import pytest
 from conftest import GIT_ENV, git, rows, spec_toml, train_py
 
 from overnight.errors import ConfigError
+from overnight.proposers.agent_cli import AgentProposer
+from overnight.proposers.base import Context, Experiment, fingerprint
+from overnight.proposers.edits import knob_values
 from overnight.snapshot import GitError, Repo, git_command
+from overnight.spec import parse_spec
 
 TAG = "t"
 N = 3
@@ -332,3 +336,46 @@ def test_git_missing_is_said_so(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     with pytest.raises(ConfigError, match="git is not installed"):
         Repo.open(tmp_path)
+
+
+# -- the agent proposer's checkout -------------------------------------------------------------
+
+AGENT = ("sed -i 's/LEARNING_RATE = 0.001/LEARNING_RATE = 0.004/' train.py && mkdir wandb && "
+         "echo x > wandb/run.log && echo x > ckpt.pt && echo n > new.txt && "
+         "echo '* filter=evil diff=evil' > .gitattributes && echo 'Description: lr 0.004'")
+
+
+def test_the_agents_checkout_is_compared_without_git_running_its_files(make_repo, tmp_path,
+                                                                       monkeypatch):
+    repo_dir = make_repo({"train.py": train_py(0.001), ".gitignore": "wandb/\n*.pt\n"})
+    marker = tmp_path / "MARKER"
+    hooks_in(repo_dir / ".git" / "hooks", marker)
+    for key, value in evil_config(marker, tmp_path / "bin").items():
+        git(repo_dir, "config", key, value)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    spec = parse_spec({
+        "objective": {"metric": "val_loss", "direction": "lower"},
+        "run": {"command": "python train.py"},
+        "files": {"editable": ["train.py"]},
+        "proposer": {"kind": "agent"},
+        "agent": {"command": AGENT, "timeout_seconds": 30},
+    })
+    repo = Repo.open(repo_dir)
+    files = {"train.py": train_py(0.001)}
+    base = Experiment(0, repo.head(), None, "keep", 1.3, "baseline", knob_values(files),
+                      is_baseline=True, fingerprint=fingerprint(files))
+    ctx = Context(incumbent=base, files=files, history=[base], in_flight=[], direction="lower",
+                  slots=1, metric="val_loss", program="", protected=(),
+                  tried=frozenset({base.fingerprint}))
+
+    proposal = AgentProposer(spec, repo, tmp_path / "scratch").propose(ctx)
+
+    assert not proposal.rejected, proposal.rejected
+    assert proposal.edits == {"train.py": train_py(0.004)}
+    notes = "\n".join(proposal.notes)
+    assert "new file new.txt" in notes and "new file .gitattributes" in notes
+    assert "wandb" not in notes and "ckpt.pt" not in notes  # ignored, as git status would
+    assert not marker.exists(), marker.read_text()
+    assert list(scratch.iterdir()) == []  # no temporary index
