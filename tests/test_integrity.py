@@ -126,7 +126,11 @@ def test_of_commit_streams_every_blob_through_one_git_process(tmp_path: Path,
     shim.parent.mkdir()
     real = subprocess.run(["sh", "-c", "command -v git"], capture_output=True, text=True,
                           check=True).stdout.strip()
-    shim.write_text(f'#!/bin/sh\necho "$1" >> "{log}"\nexec "{real}" "$@"\n')
+    # It logs the subcommand: the first argument that is neither an option nor a `-c` value.
+    shim.write_text(f'#!/bin/sh\nskip=\nfor a in "$@"; do\n'
+                    f'  if [ -n "$skip" ]; then skip=; continue; fi\n'
+                    f'  case "$a" in -c) skip=1 ;; -*) ;; *) echo "$a" >> "{log}"; break ;; esac\n'
+                    f'done\nexec "{real}" "$@"\n')
     shim.chmod(0o755)
     monkeypatch.setenv("PATH", f"{shim.parent}{os.pathsep}{os.environ['PATH']}")
     repo = Repo(repo.root)  # it takes its environment, PATH included, when it is made

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import shlex
 import shutil
 import subprocess
@@ -12,6 +11,7 @@ from importlib import resources
 from pathlib import Path
 
 from overnight.errors import ConfigError
+from overnight.snapshot import git_command
 from overnight.spec import SPEC_FILE
 
 EXAMPLE = "tinygpt"
@@ -44,11 +44,12 @@ def create(dest: Path) -> bool:
         f'command = "{_quoted(shlex.quote(sys.executable))} train.py"',
     )
     (dest / SPEC_FILE).write_text(spec)
-    env = {"GIT_AUTHOR_NAME": "overnight demo", "GIT_AUTHOR_EMAIL": "demo@localhost",
+    who = {"GIT_AUTHOR_NAME": "overnight demo", "GIT_AUTHOR_EMAIL": "demo@localhost",
            "GIT_COMMITTER_NAME": "overnight demo", "GIT_COMMITTER_EMAIL": "demo@localhost"}
     for args in (["init", "-q", "-b", "main"], ["add", "-A"],
                  ["commit", "-q", "-m", "tinygpt: baseline"]):
-        subprocess.run(["git", *args], cwd=dest, check=True, env={**os.environ, **env})
+        argv, env = git_command(dest, *args)
+        subprocess.run(argv, cwd=dest, check=True, env={**env, **who})
     return True
 
 

@@ -53,7 +53,7 @@ from watchdog.observers.api import BaseObserver
 
 from overnight.errors import ConfigError
 from overnight.knobs import list_knobs
-from overnight.snapshot import GitError, Repo
+from overnight.snapshot import GitError, Repo, git_command
 from overnight.tree import Tree
 
 FILE, EXECUTABLE, SYMLINK = "100644", "100755", "120000"  # git's modes, so both sides agree
@@ -808,21 +808,6 @@ def _read_small(path: str, st: os.stat_result) -> bytes | None:
         return f.read(_KEEP_BYTES + 1)
 
 
-def _git(repo: Repo, *args: str) -> bytes:
-    proc = subprocess.run(["git", *args], cwd=repo.root, capture_output=True,
-                          env=_git_env(), check=False)
-    if proc.returncode != 0:
-        err = proc.stderr.decode(errors="replace").strip()
-        raise GitError(f"git {' '.join(args[:2])} failed: {err}")
-    return proc.stdout
-
-
-def _git_env() -> dict[str, str]:
-    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0"}
-    env.pop("GIT_INDEX_FILE", None)
-    return env
-
-
 def _cat_batch(repo: Repo, names: list[str],
                consume: Callable[[str, IO[bytes], int], None]) -> list[str]:
     """Stream objects through one `git cat-file --batch`; `consume(name, stream, size)` reads
@@ -830,9 +815,9 @@ def _cat_batch(repo: Repo, names: list[str],
     if not names:
         return []
     missing: list[str] = []
-    proc = subprocess.Popen(["git", "cat-file", "--batch"], cwd=repo.root, env=_git_env(),
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    argv, env = git_command(repo.root, "cat-file", "--batch")
+    proc = subprocess.Popen(argv, cwd=repo.root, env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
 
     def feed() -> None:  # in a thread: git blocks on a full stdout while we would block here

@@ -1,16 +1,21 @@
 """Git plumbing: candidate commits, refs, the kept branch and run directories.
 
-Never touches the user's working tree, index or HEAD: candidates are built in a
-temporary index file and written with `commit-tree`; run directories are
-checked out from the commit's objects through a temporary index too.
+Never touches the user's working tree, index or HEAD: candidates are written as objects
+(`commit-tree`, or loose objects directly) and run directories are written from the
+committed bytes (`Repo.tree`), not checked out.
+
+Every git process goes through `git_command`, which leaves git no way to run a program: an
+experiment can write `.git/hooks`, `.git/config` and `.gitattributes`, and the harness runs
+git with its own environment (API keys included) after every candidate.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
+import shutil
 import subprocess
-import tempfile
 import threading
 import time
 import zlib
@@ -26,6 +31,107 @@ _IDENTITY = {
     "GIT_COMMITTER_NAME": "overnight",
     "GIT_COMMITTER_EMAIL": "overnight@localhost",
 }
+
+# Config given on the command line wins over every file, the repository's included: each of
+# these is a way git would otherwise run a program, or read bytes other than the committed ones.
+_SEALED = (
+    ("core.hooksPath", os.devnull),  # no hooks (reference-transaction on update-ref, ...)
+    ("core.fsmonitor", "false"),  # a hook `status` would run
+    ("core.untrackedCache", "false"),
+    ("core.pager", "cat"),
+    ("core.attributesFile", os.devnull),  # the user's attributes (the repository's remain:
+    ("core.excludesFile", os.devnull),  # the drivers they name are switched off below)
+    ("core.useReplaceRefs", "false"),  # refs/replace/ would swap committed objects
+    ("diff.external", ""),
+    ("commit.gpgSign", "false"),  # gpg.program
+    ("tag.gpgSign", "false"),
+    ("log.showSignature", "false"),
+    ("gc.auto", "0"),  # no background gc or maintenance after a write
+    ("maintenance.auto", "false"),
+    ("protocol.allow", "never"),  # no transport at all, not even a partial clone's lazy fetch
+    ("submodule.recurse", "false"),
+)
+
+# Drivers the repository's config may define, each a command git runs on file contents: a
+# filter (on checkout, add, status), a diff driver (textconv, external diff), a merge driver.
+_DRIVERS = re.compile(r"^(filter|diff|merge)\.(.+)\.(clean|smudge|process|required|textconv"
+                      r"|command|driver)$")
+_DRIVER_OFF = {
+    "filter": (("clean", ""), ("smudge", ""), ("process", ""), ("required", "false")),
+    "diff": (("textconv", ""), ("command", "")),
+    "merge": (("driver", ""),),
+}
+# Plumbing that never looks at attributes, so needs no driver switched off (one git process
+# fewer per call: these run for every candidate). Anything else reads the config first.
+_NO_DRIVERS = frozenset({"cat-file", "check-ignore", "commit-tree", "config", "for-each-ref",
+                         "hash-object", "ls-tree", "rev-parse", "update-ref", "version"})
+
+# What git may see of the harness's environment: no API keys, no inherited GIT_* variables
+# (GIT_DIR, GIT_INDEX_FILE, GIT_EXEC_PATH, GIT_CONFIG_* ...). GIT_CEILING_DIRECTORIES only
+# narrows where git looks for a repository.
+_PASSED = frozenset({"PATH", "LANG", "LANGUAGE", "TZ", "TMPDIR", "GIT_CEILING_DIRECTORIES"})
+
+
+def git_environment() -> dict[str, str]:
+    """The whole environment of a git process the harness runs, built from an allowlist."""
+    env = {k: v for k, v in os.environ.items() if k in _PASSED or k.startswith("LC_")}
+    env.update(_IDENTITY)
+    env.update({
+        "HOME": os.devnull,  # ~/.gitconfig, ~/.config/git/*: not the user's files
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_CONFIG_SYSTEM": os.devnull,
+        "GIT_CONFIG_GLOBAL": os.devnull,
+        "GIT_TERMINAL_PROMPT": "0",
+        "GIT_NO_REPLACE_OBJECTS": "1",
+        "GIT_OPTIONAL_LOCKS": "0",  # `status` leaves the user's index alone
+    })
+    return env
+
+
+def git_command(root: Path, *args: str,
+                work_tree: Path | None = None) -> tuple[list[str], dict[str, str]]:
+    """(argv, env) for `git *args` run in `root`, with every way git has to run a program
+    turned off: hooks, fsmonitor, pagers, external diffs, textconv, the filter, diff and merge
+    drivers the repository's config defines, and the user's global and system config.
+
+    Run it with `cwd=root`. `work_tree` points git at another directory's files (the
+    repository's objects and config stay those of `root`).
+    """
+    env = git_environment()
+    pairs = list(_SEALED)
+    if not args or args[0] not in _NO_DRIVERS:
+        pairs += _drivers_off(root, env)
+    argv = ["git", "--no-pager"]
+    for key, value in pairs:
+        argv += ["-c", f"{key}={value}"]
+    if work_tree is not None:
+        argv.append(f"--work-tree={work_tree}")
+    return [*argv, *args], env
+
+
+def _drivers_off(root: Path, env: dict[str, str]) -> list[tuple[str, str]]:
+    """Config that switches off every driver the repository defines, read afresh each time (an
+    experiment may add one at any moment). `git config` reads files and runs nothing."""
+    argv = ["git", "--no-pager", *(a for k, v in _SEALED for a in ("-c", f"{k}={v}")),
+            "config", "-z", "--name-only", "--get-regexp", _DRIVERS.pattern]
+    proc = subprocess.run(argv, cwd=root, env=env, capture_output=True, check=False)
+    if proc.returncode not in (0, 1):  # 1: none defined
+        raise GitError(f"git config failed: {proc.stderr.decode(errors='replace').strip()}")
+    out: list[tuple[str, str]] = []
+    seen: set[tuple[str, str]] = set()
+    for key in os.fsdecode(proc.stdout).split("\0"):
+        m = _DRIVERS.match(key)
+        if m is None or (m[1], m[2]) in seen:
+            continue
+        kind, name = m[1], m[2]
+        if "=" in name:  # `-c` splits at the first '=': the driver could not be named
+            raise GitError(
+                f"the repository's git config defines a {kind} driver named {name!r}, which "
+                f"overnight cannot switch off ('=' in its name): remove [{kind} \"{name}\"] "
+                "from .git/config")
+        seen.add((kind, name))
+        out += [(f"{kind}.{name}.{var}", value) for var, value in _DRIVER_OFF[kind]]
+    return out
 
 
 class GitError(OvernightError):
@@ -43,8 +149,6 @@ def candidate_ref(tag: str, experiment_id: int) -> str:
 class Repo:
     def __init__(self, root: Path):
         self.root = root
-        self._env = {**os.environ, **_IDENTITY, "GIT_TERMINAL_PROMPT": "0"}
-        self._env.pop("GIT_INDEX_FILE", None)
         self._trees: dict[str, dict[str, tuple[str, str, str]]] = {}
         self._commit_trees: dict[str, str] = {}
         self._objects: Path | None | bool = False  # False: not looked up yet
@@ -57,14 +161,24 @@ class Repo:
 
     @classmethod
     def open(cls, path: Path) -> Repo:
-        try:
-            out = subprocess.run(
-                ["git", "rev-parse", "--show-toplevel"],
-                cwd=path, capture_output=True, text=True, check=False,
-            )
-        except FileNotFoundError:
-            raise ConfigError("git is not installed: install git and try again") from None
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"{path}: no such directory (--repo names the repository to "
+                              "work in)")
+        if not path.is_dir():
+            raise ConfigError(f"{path} is not a directory: pass the repository's folder with "
+                              "--repo")
+        argv, env = git_command(path, "rev-parse", "--show-toplevel")
+        if shutil.which(argv[0], path=env.get("PATH")) is None:
+            raise ConfigError("git is not installed: install git and try again")
+        out = subprocess.run(argv, cwd=path, env=env, capture_output=True, text=True,
+                             check=False)
         if out.returncode != 0:
+            if "dubious ownership" in out.stderr:
+                raise ConfigError(
+                    f"{path} belongs to another user, so git will not work in it (overnight "
+                    "ignores your global git config, safe.directory included): run overnight "
+                    "as the repository's owner")
             raise ConfigError(
                 f"{path} is not inside a git repository: run `git init` and commit your "
                 "training script first (overnight keeps results as git commits)"
@@ -73,16 +187,20 @@ class Repo:
 
     # -- running git ---------------------------------------------------------
 
-    def git(self, *args: str, input: bytes | None = None, env: dict[str, str] | None = None,
-            check: bool = True) -> str:
-        proc = subprocess.run(
-            ["git", *args], cwd=self.root, input=input, capture_output=True,
-            env={**self._env, **(env or {})}, check=False,
-        )
+    def git(self, *args: str, input: bytes | None = None, check: bool = True,
+            work_tree: Path | None = None) -> str:
+        return self.git_bytes(*args, input=input, check=check,
+                              work_tree=work_tree).decode(errors="replace").rstrip("\n")
+
+    def git_bytes(self, *args: str, input: bytes | None = None, check: bool = True,
+                  work_tree: Path | None = None) -> bytes:
+        argv, env = git_command(self.root, *args, work_tree=work_tree)
+        proc = subprocess.run(argv, cwd=self.root, input=input, capture_output=True, env=env,
+                              check=False)
         if check and proc.returncode != 0:
             err = proc.stderr.decode(errors="replace").strip()
             raise GitError(f"git {' '.join(args[:3])} failed: {err}")
-        return proc.stdout.decode(errors="replace").rstrip("\n")
+        return proc.stdout
 
     # -- reading ---------------------------------------------------------------
 
@@ -94,7 +212,8 @@ class Repo:
 
     def dirty(self, paths: list[str]) -> list[str]:
         """Paths among `paths` with uncommitted changes, or not committed at all."""
-        out = self.git("status", "--porcelain", "--untracked-files=all", "--", *paths)
+        out = self.git("status", "--porcelain", "--untracked-files=all",
+                       "--ignore-submodules=all", "--", *paths)
         return sorted({line[3:].strip() for line in out.splitlines() if line.strip()})
 
     def tracked(self, commit: str, paths: list[str]) -> set[str]:
@@ -109,11 +228,7 @@ class Repo:
         if not paths:
             return {}
         req = "".join(f"{commit}:{p}\n" for p in paths).encode()
-        proc = subprocess.run(
-            ["git", "cat-file", "--batch"], cwd=self.root, input=req,
-            capture_output=True, env=self._env, check=True,
-        )
-        out, data, pos = {}, proc.stdout, 0
+        out, data, pos = {}, self.git_bytes("cat-file", "--batch", input=req), 0
         for path in paths:
             nl = data.index(b"\n", pos)
             header = data[pos:nl].decode()
@@ -137,7 +252,9 @@ class Repo:
         return dict(line.split(" ", 1) for line in out.splitlines() if line)
 
     def diff(self, a: str, b: str) -> str:
-        return self.git("diff", a, b)
+        """What changed from `a` to `b`, as git prints it, with no external diff or textconv
+        (a repository's diff driver is a program)."""
+        return self.git("diff", "--no-ext-diff", "--no-textconv", a, b)
 
     # -- writing (objects and refs only) ----------------------------------------
 
@@ -254,12 +371,9 @@ class Repo:
         return digest
 
     def _read_objects(self, oids: list[str]) -> dict[str, bytes]:
-        proc = subprocess.run(["git", "cat-file", "--batch"], cwd=self.root,
-                              input="".join(o + "\n" for o in oids).encode(),
-                              capture_output=True, env=self._env, check=False)
-        if proc.returncode != 0:
-            raise GitError(f"git cat-file failed: {proc.stderr.decode(errors='replace')}")
-        out, data, pos = {}, proc.stdout, 0
+        data = self.git_bytes("cat-file", "--batch",
+                              input="".join(o + "\n" for o in oids).encode())
+        out, pos = {}, 0
         for oid in oids:
             nl = data.index(b"\n", pos)
             header = data[pos:nl].decode()
@@ -321,14 +435,11 @@ class Repo:
                 f.write(pattern + "\n")
 
     def materialize(self, commit: str, dest: Path) -> None:
-        """Check the commit's tree out into `dest` (created), in one git process, through a
-        temporary index so the user's index is never touched.
+        """Write the commit's files into `dest` (created, must be empty) from the committed
+        bytes: no checkout, so no line-ending conversion, filter, LFS smudge or hook changes
+        what runs, and the user's index is never touched. Symlinks stay symlinks.
 
-        Not `git archive`: it drops `export-ignore` files and rewrites `export-subst` ones, so
-        the run would not see what was committed.
+        Not `git archive` either: it drops `export-ignore` files and rewrites `export-subst`
+        ones, so the run would not see what was committed.
         """
-        dest.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="overnight-index-") as tmp:
-            env = {"GIT_INDEX_FILE": os.path.join(tmp, "index"),
-                   "GIT_WORK_TREE": str(dest.resolve())}
-            self.git("read-tree", "--reset", "-u", commit, env=env)
+        self.tree(commit).write(dest)

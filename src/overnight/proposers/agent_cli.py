@@ -19,6 +19,7 @@ import logging
 import os
 import shlex
 import shutil
+import subprocess
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from overnight.errors import ConfigError
 from overnight.executors.runner import Launch, spawn
+from overnight.integrity import Manifest, verify
 from overnight.metrics import tail
 from overnight.proposers.base import Context, Proposal, Proposer, Usage
 from overnight.proposers.edits import (
@@ -40,7 +42,7 @@ from overnight.proposers.edits import (
 from overnight.proposers.prompt import AGENT_PROMPT_CHARS, task_prompt
 from overnight.regions import check_edit
 from overnight.sandbox import experiment_env, resolve
-from overnight.snapshot import Repo
+from overnight.snapshot import GitError, Repo, git_command
 from overnight.spec import Spec
 
 log = logging.getLogger(__name__)
@@ -221,21 +223,30 @@ class AgentProposer(Proposer):
         return TreeChanges(edits, discarded)
 
     def _other_changes(self, commit: str, tree: Path) -> tuple[list[str], list[str]]:
-        """(modified or deleted tracked paths, new paths) of the checkout against `commit`.
+        """(modified or deleted committed paths, new paths) of the checkout against `commit`.
 
-        Through a temporary index, as materialize does: the user's index is never touched,
-        and no object is written (a checkpoint an agent left behind is not hashed into .git).
+        Compared with the committed bytes in Python, not through git's index: nothing is
+        written to the repository, and no filter or hook the agent left in its checkout runs.
+        New files the ignore rules cover are left out, as `git status` would leave them; a
+        new directory is named once ("wandb/"), not walked.
         """
-        with tempfile.TemporaryDirectory(prefix="overnight-index-") as tmp:
-            env = {"GIT_INDEX_FILE": os.path.join(tmp, "index"),
-                   "GIT_WORK_TREE": str(tree.resolve())}
-            self.repo.git("read-tree", commit, env=env)
-            # Fills in stat data, hashing only what differs; exits 1 when files changed.
-            self.repo.git("update-index", "-q", "--refresh", env=env, check=False)
-            modified = self.repo.git("diff-files", "--name-only", "-z", env=env)
-            added = self.repo.git("ls-files", "--others", "--exclude-standard", "--directory",
-                                  "-z", env=env)
-        return _split_z(modified), _split_z(added)
+        changes = verify(Manifest.of_tree(self.repo.tree(commit)), tree)
+        modified = sorted(c.path for c in changes if c.kind != "added")
+        added = [c.path for c in changes
+                 if c.kind == "added" and c.path.split("/")[0] != ".git"]
+        return modified, self._not_ignored(tree, added)
+
+    def _not_ignored(self, tree: Path, paths: list[str]) -> list[str]:
+        if not paths:
+            return []
+        argv, env = git_command(self.repo.root, "check-ignore", "--no-index", "-z", "--stdin",
+                                work_tree=tree.resolve())
+        proc = subprocess.run(argv, cwd=self.repo.root, env=env, capture_output=True,
+                              input=b"".join(os.fsencode(p) + b"\0" for p in paths), check=False)
+        if proc.returncode not in (0, 1):  # 1: none of them ignored
+            raise GitError(f"git check-ignore failed: {proc.stderr.decode(errors='replace')}")
+        ignored = set(_split_z(os.fsdecode(proc.stdout)))
+        return sorted(p for p in paths if p not in ignored)
 
 
 def sweep(scratch_root: Path) -> list[Path]:
