@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import math
+import operator
 import os
 import sqlite3
 import time
@@ -488,6 +489,9 @@ def _head_problem(head: tuple[int, str] | None, seq: int,
     return None
 
 
+_decode = json.JSONDecoder().decode
+
+
 def _same(a: object, b: object) -> bool:
     return a == b or (isinstance(a, float) and isinstance(b, float)
                       and math.isnan(a) and math.isnan(b))
@@ -509,7 +513,7 @@ def _verify(entries: list[tuple], tables: dict[str, tuple[list[str], list[tuple]
         if _entry_hash(prev, seq, ts, op, payload) != digest:
             return f"journal entry #{seq} ({op}) was edited: its hash does not match it"
         prev = digest
-        data = json.loads(payload)
+        data = _decode(payload)
         if op == "insert":
             exp[data["id"]] = data["row"]
             written_by["experiments", data["id"]] = seq
@@ -539,12 +543,13 @@ def _verify(entries: list[tuple], tables: dict[str, tuple[list[str], list[tuple]
     for table, (cols, rows) in tables.items():
         want = state[table]
         noun = {"experiments": "experiment", "notes": "note", "events": "event"}[table]
+        as_row = operator.itemgetter(*cols)
         for row in rows:
             rid = row[0]
             replayed = want.pop(rid, None)
             if replayed is None:
                 return f"{noun} #{rid} was added outside overnight (the journal never wrote it)"
-            if len(replayed) == len(cols) and tuple(replayed[c] for c in cols) == row:
+            if len(replayed) == len(cols) and as_row(replayed) == row:
                 continue
             for i, col in enumerate(cols):
                 # A column added after the row was journaled is not compared.
