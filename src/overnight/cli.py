@@ -109,6 +109,10 @@ def run(
     tag: TagOpt = None,
     budget: Annotated[float | None, typer.Option(min=0.001, help="Seconds per experiment "
                       "(overrides budget_seconds in overnight.toml).")] = None,
+    accept_spec_change: Annotated[bool, typer.Option(
+        "--accept-spec-change", help="Resume a tag although overnight.toml now measures "
+        "differently (command, budget, objective, files...) than when its baseline ran; "
+        "the change is recorded.")] = False,
     repo: RepoOpt = Path("."),
 ) -> None:
     """Run the research loop: baseline first, then propose, run, judge, keep or revert.
@@ -120,7 +124,8 @@ def run(
     from overnight.workspace import Workspace
 
     ws = Workspace.open(repo)
-    outcome = run_loop(ws, console, tag, max_experiments, parallel, budget)
+    outcome = run_loop(ws, console, tag, max_experiments, parallel, budget,
+                       accept_spec_change=accept_spec_change)
     _summary(ws, outcome.tag)
     console.print(f"stopped: {outcome.stopped_because}")
     if outcome.interrupted:
@@ -143,12 +148,16 @@ def _summary(ws, tag: str) -> None:  # noqa: ANN001
 
 @command
 def status(tag: TagOpt = None, repo: RepoOpt = Path(".")) -> None:
-    """Counts by status, baseline, best, improvement, and what is running."""
+    """Counts by status, baseline, best, improvement, and what is running.
+
+    Verifies the ledger first: exit 3 if it was changed outside overnight.
+    """
     from overnight.workspace import Workspace, default_tag
 
     ws = Workspace.open(repo)
     ledger = ws.ledger()
     try:
+        ledger.verify()
         if not ledger.tags():
             console.print("no experiments yet: start with `overnight run`")
             return

@@ -2,17 +2,34 @@
 
 Knows nothing about git or processes. Any process can open it and rebuild the
 state of a loop: a resumed scheduler, `overnight status`, a dashboard.
+
+Tamper evidence: rows change state and several processes write (the loop, `steer`), so
+what is chained is the *writes*, not the rows. Every write appends, in the same SQLite
+transaction, a `journal` entry holding what it wrote; each entry's hash covers the one
+before it. `verify()` replays the journal and compares the result with the tables, so a
+row edited by hand, an edited entry and a removed entry are all caught. The chain's head
+(seq and hash) is also kept in a small file outside `.overnight/` (given by the caller),
+so a file rewritten and re-chained from scratch does not match it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
+import hashlib
 import io
 import json
+import math
+import operator
+import os
 import sqlite3
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+from overnight.errors import IntegrityHalt
 
 FINAL = ("keep", "discard", "crash", "timeout", "tampered", "rejected", "checks_failed", "lost")
 ACTIVE = ("queued", "running")
@@ -67,7 +84,17 @@ CREATE TABLE IF NOT EXISTS events (
     experiment_id INTEGER,
     message       TEXT NOT NULL DEFAULT ''
 );
+CREATE TABLE IF NOT EXISTS journal (
+    seq           INTEGER PRIMARY KEY,
+    ts            REAL NOT NULL,
+    op            TEXT NOT NULL,
+    payload       TEXT NOT NULL,
+    prev          TEXT NOT NULL,
+    hash          TEXT NOT NULL
+);
 """
+GENESIS = "0" * 64  # the `prev` of the first journal entry
+_HEAD_SIZE = 20 + 1 + 64 + 1  # "<seq, right-aligned> <sha256>\n"
 
 
 @dataclass
@@ -151,9 +178,12 @@ def _to_row(r: sqlite3.Row) -> Row:
 
 
 class Ledger:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, head: Path | None = None):
+        """`head`: where the chain's head is kept, outside the directory of `path` (None:
+        the chain is verified on its own, without a head to compare it with)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self.head = head
         # Autocommit: every write is its own durable transaction unless grouped explicitly.
         self.db = sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False)
         self.db.row_factory = sqlite3.Row
@@ -164,9 +194,17 @@ class Ledger:
         for name, definition in _ADDED_COLUMNS.items():
             if name not in have:
                 self.db.execute(f"ALTER TABLE experiments ADD COLUMN {name} {definition}")
+        self._head_fd: int | None = None  # the head file, also the writers' lock
+        if head is not None:
+            head.parent.mkdir(parents=True, exist_ok=True)
+            self._head_fd = os.open(head, os.O_RDWR | os.O_CREAT, 0o644)
+        self._adopt()
 
     def close(self) -> None:
         self.db.close()
+        if self._head_fd is not None:
+            os.close(self._head_fd)
+            self._head_fd = None
 
     # -- writing -------------------------------------------------------------
 
@@ -177,38 +215,196 @@ class Ledger:
                 values[k] = json.dumps(values[k])
         cols = ", ".join(values)
         marks = ", ".join("?" for _ in values)
-        cur = self.db.execute(
-            f"INSERT INTO experiments ({cols}) VALUES ({marks})", tuple(values.values())
-        )
-        return int(cur.lastrowid)
+        with self._writing() as journal:
+            cur = self.db.execute(
+                f"INSERT INTO experiments ({cols}) VALUES ({marks})", tuple(values.values())
+            )
+            rid = int(cur.lastrowid)
+            journal.append(("insert", {"id": rid, "row": self._stored("experiments", rid)}))
+        return rid
 
     def update(self, experiment_id: int, **values) -> None:
         for k in _JSON_COLUMNS:
             if k in values:
                 values[k] = json.dumps(values[k])
         sets = ", ".join(f"{k} = ?" for k in values)
-        self.db.execute(
-            f"UPDATE experiments SET {sets} WHERE id = ?", (*values.values(), experiment_id)
-        )
+        with self._writing() as journal:
+            self.db.execute(
+                f"UPDATE experiments SET {sets} WHERE id = ?", (*values.values(), experiment_id)
+            )
+            stored = self._stored("experiments", experiment_id, list(values))
+            journal.append(("update", {"id": experiment_id, "set": stored}))
 
     def event(self, tag: str, kind: str, message: str = "",
               experiment_id: int | None = None) -> None:
-        self.db.execute(
-            "INSERT INTO events (tag, ts, kind, experiment_id, message) VALUES (?, ?, ?, ?, ?)",
-            (tag, time.time(), kind, experiment_id, message),
-        )
+        with self._writing() as journal:
+            cur = self.db.execute(
+                "INSERT INTO events (tag, ts, kind, experiment_id, message) "
+                "VALUES (?, ?, ?, ?, ?)", (tag, time.time(), kind, experiment_id, message),
+            )
+            journal.append(("event", {"row": self._stored("events", int(cur.lastrowid))}))
 
     def mark_lost(self, tag: str, reason: str) -> list[Row]:
         """Experiments a dead process left queued or running become `lost`, atomically."""
-        with self.db:
-            self.db.execute("BEGIN IMMEDIATE")
+        with self._writing() as journal:
             rows = self.experiments(tag, statuses=ACTIVE)
-            self.db.execute(
-                "UPDATE experiments SET status = 'lost', reason = ?, finished_at = ? "
-                "WHERE tag = ? AND status IN ('queued', 'running')",
-                (reason, time.time(), tag),
-            )
+            if rows:
+                now = time.time()
+                self.db.execute(
+                    "UPDATE experiments SET status = 'lost', reason = ?, finished_at = ? "
+                    "WHERE tag = ? AND status IN ('queued', 'running')",
+                    (reason, now, tag),
+                )
+                journal.append(("mark_lost", {
+                    "ids": [r.id for r in rows],
+                    "set": {"status": "lost", "reason": reason, "finished_at": now}}))
         return rows
+
+    def add_note(self, text: str, tag: str | None = None) -> int:
+        """A steering note from the user, for the proposer (tag None: every tag)."""
+        with self._writing() as journal:
+            cur = self.db.execute("INSERT INTO notes (tag, ts, text) VALUES (?, ?, ?)",
+                                  (tag, time.time(), text))
+            nid = int(cur.lastrowid)
+            journal.append(("note", {"row": self._stored("notes", nid)}))
+        return nid
+
+    # -- the journal -----------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[list[tuple[str, dict]]]:
+        """One write transaction: the caller's changes and their journal entries commit
+        together; the head file follows the commit.
+
+        Writers hold the head's lock from BEGIN to the head write, so the head is never more
+        than one entry behind the journal (one: a crash between the commit and the head
+        write), and a reader holding the lock sees them agree.
+        """
+        entries: list[tuple[str, dict]] = []
+        with self._head_lock(fcntl.LOCK_EX):
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                seq, prev = self._journal_end()
+                self._check_head_before_append(seq)
+                yield entries
+                for op, data in entries:
+                    seq += 1
+                    ts = time.time()
+                    payload = json.dumps(data, sort_keys=True, separators=(",", ":"))
+                    digest = _entry_hash(prev, seq, ts, op, payload)
+                    self.db.execute(
+                        "INSERT INTO journal (seq, ts, op, payload, prev, hash) "
+                        "VALUES (?, ?, ?, ?, ?, ?)", (seq, ts, op, payload, prev, digest))
+                    prev = digest
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            if entries:
+                self._write_head(seq, prev)
+
+    def _stored(self, table: str, rid: int, columns: list[str] | None = None) -> dict:
+        """A row's values as SQLite stored them (what verification will read back)."""
+        cols = ", ".join(columns) if columns else "*"
+        r = self.db.execute(f"SELECT {cols} FROM {table} WHERE id = ?", (rid,)).fetchone()
+        return dict(r) if r is not None else {}
+
+    def _journal_end(self) -> tuple[int, str]:
+        r = self.db.execute("SELECT seq, hash FROM journal ORDER BY seq DESC LIMIT 1").fetchone()
+        return (int(r[0]), str(r[1])) if r else (0, GENESIS)
+
+    @contextlib.contextmanager
+    def _head_lock(self, mode: int) -> Iterator[None]:
+        if self._head_fd is None:
+            yield
+            return
+        fcntl.flock(self._head_fd, mode)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._head_fd, fcntl.LOCK_UN)
+
+    def _read_head(self) -> tuple[int, str] | None:
+        """(seq, hash) of the head file; None when it is empty (no chain yet)."""
+        if self._head_fd is None:
+            return None
+        text = os.pread(self._head_fd, _HEAD_SIZE, 0).decode(errors="replace")
+        if not text.strip():
+            return None
+        try:
+            seq, digest = text.split()
+            return int(seq), digest
+        except ValueError:
+            return -1, ""  # unreadable: never matches an entry
+
+    def _write_head(self, seq: int, digest: str) -> None:
+        """One fixed-size write at offset 0 of an open file, well inside one disk sector: a
+        reader (under the lock) sees the old head or the new one, and it costs microseconds,
+        not the milliseconds of a rename on some filesystems."""
+        if self._head_fd is None:
+            return
+        os.pwrite(self._head_fd, f"{seq:>20} {digest}\n".encode(), 0)
+
+    def _check_head_before_append(self, seq: int) -> None:
+        """Never extend a chain that disagrees with the head: that would re-anchor a
+        rewritten journal. The full replay is `verify()`; this is the cheap part of it."""
+        if self.head is None:
+            return
+        problem = _head_problem(self._read_head(), seq, self._entry_hash_at, self.head)
+        if problem:
+            raise IntegrityHalt(self._tampered_message(problem))
+
+    def _entry_hash_at(self, seq: int) -> str | None:
+        r = self.db.execute("SELECT hash FROM journal WHERE seq = ?", (seq,)).fetchone()
+        return str(r[0]) if r else None
+
+    def _adopt(self) -> None:
+        """A ledger from before the journal: one entry holding its current rows starts the
+        chain. Not when a head exists: an emptied journal is an attack, not an old ledger.
+        An empty ledger (deleted to start afresh) starts a new chain: it has nothing to lose."""
+        if self._journal_end()[0]:
+            return
+        with self._head_lock(fcntl.LOCK_EX):
+            tables = self._tables()
+            if self._head_fd is not None and not any(tables.values()):
+                os.ftruncate(self._head_fd, 0)
+        if not any(tables.values()) or self._read_head() is not None:
+            return
+        with self._writing() as journal:
+            if not self._journal_end()[0]:  # another process may have adopted it first
+                journal.append(("adopt", self._tables()))
+
+    def _tables(self) -> dict[str, list[dict]]:
+        return {t: [dict(r) for r in self.db.execute(f"SELECT * FROM {t} ORDER BY id")]
+                for t in ("experiments", "notes", "events")}
+
+    def verify(self) -> None:
+        """Replay the journal and compare it with the tables and the head; raise
+        IntegrityHalt naming the first thing that does not agree."""
+        with self._head_lock(fcntl.LOCK_SH):
+            cur = self.db.cursor()
+            cur.row_factory = None
+            cur.execute("BEGIN")  # one snapshot of the journal and the tables
+            try:
+                head = self._read_head()
+                entries = cur.execute(
+                    "SELECT seq, ts, op, payload, prev, hash FROM journal ORDER BY seq"
+                ).fetchall()
+                tables = {}
+                for table in ("experiments", "notes", "events"):
+                    cur.execute(f"SELECT * FROM {table} ORDER BY id")
+                    tables[table] = ([d[0] for d in cur.description], cur.fetchall())
+            finally:
+                cur.execute("COMMIT")
+        problem = _verify(entries, tables, head, self.head)
+        if problem:
+            raise IntegrityHalt(self._tampered_message(problem))
+
+    def _tampered_message(self, problem: str) -> str:
+        return (f"the ledger {self.path} was changed outside overnight: {problem}. Nothing "
+                "more is recorded on a ledger that cannot be trusted: restore the file from a "
+                "backup (or move it away to start afresh) and find what wrote to it; an "
+                "experiment running without a sandbox can ([run] sandbox = \"bwrap\").")
 
     # -- reading -------------------------------------------------------------
 
@@ -247,12 +443,6 @@ class Ledger:
             "SELECT tag, MAX(id) AS last FROM experiments GROUP BY tag ORDER BY last")
         return [r["tag"] for r in rows]
 
-    def add_note(self, text: str, tag: str | None = None) -> int:
-        """A steering note from the user, for the proposer (tag None: every tag)."""
-        cur = self.db.execute("INSERT INTO notes (tag, ts, text) VALUES (?, ?, ?)",
-                              (tag, time.time(), text))
-        return int(cur.lastrowid)
-
     def notes(self, tag: str) -> list[str]:
         rows = self.db.execute("SELECT text FROM notes WHERE tag IS NULL OR tag = ? ORDER BY id",
                                (tag,))
@@ -268,6 +458,108 @@ class Ledger:
     def events(self, tag: str) -> list[dict]:
         rows = self.db.execute("SELECT * FROM events WHERE tag = ? ORDER BY id", (tag,))
         return [dict(r) for r in rows]
+
+
+# -- verification -------------------------------------------------------------
+
+def _entry_hash(prev: str, seq: int, ts: float, op: str, payload: str) -> str:
+    return hashlib.sha256(f"{prev}\n{seq}\n{ts!r}\n{op}\n{payload}".encode()).hexdigest()
+
+
+def _head_problem(head: tuple[int, str] | None, seq: int,
+                  hash_at: Callable[[int], str | None], where: Path) -> str | None:
+    """Does a journal ending at (seq, digest) agree with the head file? hash_at(seq) -> the
+    journal's hash at seq. One entry past the head is a crash between commit and head write."""
+    if head is None:
+        if seq == 0:
+            return None
+        return f"the chain head {where} is missing, but the journal has {seq} entries"
+    head_seq, head_hash = head
+    if head_seq < 0:
+        return f"the chain head {where} is unreadable"
+    if seq < head_seq:
+        return (f"the journal ends at entry #{seq} but the head {where} records #{head_seq}: "
+                "journal entries were removed")
+    if seq > head_seq + 1:
+        return (f"the journal has {seq - head_seq} entries past the head {where} "
+                f"(#{head_seq}): they were written outside overnight")
+    if hash_at(head_seq) != head_hash:
+        return (f"journal entry #{head_seq} does not match the head {where}: the journal was "
+                "rewritten")
+    return None
+
+
+_decode = json.JSONDecoder().decode
+
+
+def _same(a: object, b: object) -> bool:
+    return a == b or (isinstance(a, float) and isinstance(b, float)
+                      and math.isnan(a) and math.isnan(b))
+
+
+def _verify(entries: list[tuple], tables: dict[str, tuple[list[str], list[tuple]]],
+            head: tuple[int, str] | None, where: Path | None) -> str | None:
+    """The first disagreement between the journal, its chain, the head and the tables."""
+    state: dict[str, dict[int, dict]] = {"experiments": {}, "notes": {}, "events": {}}
+    written_by: dict[tuple[str, int], int] = {}  # (table, id) -> last journal entry
+    exp = state["experiments"]
+    prev = GENESIS
+    for expected, (seq, ts, op, payload, prev_col, digest) in enumerate(entries, 1):
+        if seq != expected:
+            return f"journal entry #{expected} is missing (the next one is #{seq})"
+        if prev_col != prev:
+            return (f"journal entry #{seq} ({op}) does not follow entry #{seq - 1}: an entry "
+                    "was edited, inserted or removed")
+        if _entry_hash(prev, seq, ts, op, payload) != digest:
+            return f"journal entry #{seq} ({op}) was edited: its hash does not match it"
+        prev = digest
+        data = _decode(payload)
+        if op == "insert":
+            exp[data["id"]] = data["row"]
+            written_by["experiments", data["id"]] = seq
+        elif op == "update":
+            exp.setdefault(data["id"], {}).update(data["set"])
+            written_by["experiments", data["id"]] = seq
+        elif op == "mark_lost":
+            for rid in data["ids"]:
+                exp.setdefault(rid, {}).update(data["set"])
+                written_by["experiments", rid] = seq
+        elif op in ("event", "note"):
+            table = "events" if op == "event" else "notes"
+            state[table][data["row"]["id"]] = data["row"]
+            written_by[table, data["row"]["id"]] = seq
+        elif op == "adopt":
+            for table, rows in data.items():
+                for row in rows:
+                    state[table][row["id"]] = row
+                    written_by[table, row["id"]] = seq
+        else:
+            return f"journal entry #{seq} has an unknown operation {op!r}"
+    if where is not None:
+        hashes = {e[0]: e[5] for e in entries[-2:]}
+        problem = _head_problem(head, len(entries), hashes.get, where)
+        if problem:
+            return problem
+    for table, (cols, rows) in tables.items():
+        want = state[table]
+        noun = {"experiments": "experiment", "notes": "note", "events": "event"}[table]
+        as_row = operator.itemgetter(*cols)
+        for row in rows:
+            rid = row[0]
+            replayed = want.pop(rid, None)
+            if replayed is None:
+                return f"{noun} #{rid} was added outside overnight (the journal never wrote it)"
+            if len(replayed) == len(cols) and as_row(replayed) == row:
+                continue
+            for i, col in enumerate(cols):
+                # A column added after the row was journaled is not compared.
+                if col in replayed and not _same(replayed[col], row[i]):
+                    return (f"{noun} #{rid}: {col} is {row[i]!r} but journal entry "
+                            f"#{written_by[table, rid]} wrote {replayed[col]!r}")
+        if want:
+            rid = min(want)
+            return f"{noun} #{rid} was deleted (journal entry #{written_by[table, rid]} wrote it)"
+    return None
 
 
 # -- exports ------------------------------------------------------------------

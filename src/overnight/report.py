@@ -144,6 +144,11 @@ def status_view(ledger: Ledger, tag: str, objective: Objective) -> Group:
                f" per kept improvement" if improvements else "no kept improvement yet")
         lines.append(Text(f"  proposer  {tokens_in:,} tokens in, {tokens_out:,} out, "
                           f"${cost:.2f}; {per}"))
+    given_up = [r for r in rows if r.status == "lost" and r.reason.startswith("given up")]
+    if given_up:
+        lines.append(Text("  given up (never measured):", style="yellow"))
+        for r in given_up:
+            lines.append(Text(f"    #{r.id} {r.reason}: {r.description}", style="yellow"))
     running = [r for r in rows if r.status in ("running", "queued")]
     if running:
         lines.append(Text("  running:"))

@@ -15,7 +15,7 @@ from overnight.workspace import Workspace, check_tag, default_tag
 
 def run_loop(ws: Workspace, console: Console, tag: str | None = None,
              max_experiments: int | None = None, parallel: int | None = None,
-             budget: float | None = None) -> Outcome:
+             budget: float | None = None, accept_spec_change: bool = False) -> Outcome:
     spec = ws.spec
     run = spec.run
     if budget is not None:
@@ -47,7 +47,7 @@ def run_loop(ws: Workspace, console: Console, tag: str | None = None,
                     proposer_factory=lambda files: make_proposer(
                         spec, files, ws.repo, ws.state / "scratch"),
                     max_experiments=max_experiments, reporter=reporter,
-                    runs_root=ws.state / "runs")
+                    runs_root=ws.state / "runs", accept_spec_change=accept_spec_change)
         try:
             with reporter:
                 return loop.run()

@@ -8,6 +8,7 @@ rebuilds everything from them, marks what a dead process left running as
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import threading
@@ -30,6 +31,7 @@ from overnight.spec import Spec
 from overnight.tree import Tree
 
 MAX_LOST_RETRIES = 2  # a candidate whose run is lost is redone at most this many times
+# (then given up and reported); the baseline is redone until it runs: nothing goes without it
 MAX_REJECTED_IN_A_ROW = 20  # a proposer that only produces rejects is stopped
 
 
@@ -61,7 +63,8 @@ class Outcome:
 class Loop:
     def __init__(self, repo: Repo, spec: Spec, ledger: Ledger, executor: Executor, tag: str,
                  proposer_factory, max_experiments: int | None = None,
-                 reporter: Reporter | None = None, runs_root: Path | None = None):
+                 reporter: Reporter | None = None, runs_root: Path | None = None,
+                 accept_spec_change: bool = False):
         self.repo = repo
         self.spec = spec
         self.ledger = ledger
@@ -71,6 +74,7 @@ class Loop:
         self.max = max_experiments
         self.report = reporter or SilentReporter()
         self.runs_root = runs_root or repo.root / ".overnight" / "runs"
+        self.accept_spec_change = accept_spec_change  # measure differently than the pin
         self.proposer: Proposer | None = None
         self._pending: dict[Future, _Job] = {}
         self._redo: list[Row] = []  # queued rows to launch, or lost/tampered rows to retry
@@ -89,17 +93,20 @@ class Loop:
 
     def run(self) -> Outcome:
         with _TagLock(self.repo.root / ".overnight", self.tag):
+            self.ledger.verify()  # nothing runs on a ledger that was changed behind our back
+            self._check_spec()
             self.ledger.event(self.tag, "start", f"pid {os.getpid()}")
-            self._redo = self._resume()
             try:
+                self._redo = self._resume()
                 why = self._loop()
+                self._check_branch()
+                self.ledger.verify()
                 interrupted = False
             except KeyboardInterrupt:
                 self._interrupt()
                 why, interrupted = "interrupted", True
             except IntegrityHalt as e:
-                self._interrupt()
-                self.ledger.event(self.tag, "halt", str(e))
+                self._halt(e)
                 raise
             self.ledger.event(self.tag, "stop", why)
             return Outcome(self.tag, self._counted(), interrupted, why)
@@ -215,9 +222,13 @@ class Loop:
         self._repair_refs(rows)
         retried = {r.retry_of for r in rows if r.retry_of is not None}
         for r in rows:
-            if r.status == "lost" and r.id not in retried and r.commit_sha:
-                if self._retry_depth(r, rows) < MAX_LOST_RETRIES + 1:
-                    redo.append(r)
+            if r.status != "lost" or r.id in retried:
+                continue
+            depth = self._retry_depth(r, rows)
+            if r.commit_sha and (r.is_baseline or depth < MAX_LOST_RETRIES):
+                redo.append(r)
+            else:
+                self._give_up(r, depth + 1)
         base = self._baseline()
         if base is not None:
             self.proposer = self.make_proposer(self._files(base.commit_sha))
@@ -244,14 +255,7 @@ class Loop:
 
     def _repair_refs(self, rows: list[Row]) -> None:
         """Git follows the ledger: the branch tip is the last keep; one ref per candidate."""
-        keeps = [r for r in rows if r.status == "keep" and r.kept_commit]
-        if keeps:
-            tip = self.repo.ref(branch_ref(self.tag))
-            if tip != keeps[-1].kept_commit:
-                self.repo.set_ref(branch_ref(self.tag), keeps[-1].kept_commit)
-                if tip is not None:
-                    self.report.note(f"branch overnight/{self.tag} moved back to the last "
-                                     "recorded keep")
+        self._check_branch()
         known = {candidate_ref(self.tag, r.id): r.commit_sha for r in rows if r.commit_sha}
         prefix = f"refs/overnight/{self.tag}/"
         for ref, sha in self.repo.refs(prefix).items():
@@ -261,6 +265,19 @@ class Loop:
         for ref, sha in known.items():
             if have.get(ref) != sha:
                 self.repo.set_ref(ref, sha)
+
+    def _give_up(self, row: Row, interruptions: int) -> None:
+        """A candidate lost too often is not redone again, and says so (once)."""
+        if row.reason.startswith("given up"):
+            return
+        if row.commit_sha:
+            reason = f"given up after {interruptions} interruptions (last: {row.reason})"
+        else:
+            reason = f"given up: the loop stopped before it was committed ({row.reason})"
+        self.ledger.update(row.id, reason=reason)
+        self.ledger.event(self.tag, "given_up", reason, row.id)
+        self._get(row.id)
+        self.report.note(f"#{row.id} {reason}")
 
     def _retry_depth(self, row: Row, rows: list[Row]) -> int:
         by_id = {r.id: r for r in rows}
@@ -439,6 +456,7 @@ class Loop:
 
     def _record(self, job: _Job, result: RunResult) -> None:
         """Judge a finished run; a would-be keep goes through the checks gate first."""
+        self.ledger.verify()  # judged against an incumbent nobody rewrote
         row = job.row
         if result.status == "error":
             self._finish(row, result, judge.Decision("lost", None, None, result.reason), None)
@@ -456,6 +474,7 @@ class Loop:
         self._finish(row, result, decision, inc)
 
     def _checked(self, job: _Job, check: CheckResult) -> None:
+        self.ledger.verify()
         row, result = job.row, job.result
         if not check.ok:
             decision = judge.Decision("checks_failed", None, None, check.reason)
@@ -494,6 +513,8 @@ class Loop:
                 inc: Row | None) -> Row:
         """Record the decision (and a keep on the branch); the row as recorded."""
         self._free(row)
+        if decision.status == "keep":
+            self._branch_before_keep(row)
         update = dict(
             status=decision.status, metric=decision.metric, delta=decision.delta,
             metrics=result.metrics.values, reason=decision.reason,
@@ -510,6 +531,8 @@ class Loop:
         else:
             self.ledger.update(row.id, **update)
         row = self._get(row.id)
+        if row.is_baseline and row.status == "keep":
+            self._pin_spec()
         self._tidy(row)
         if row.is_baseline and row.status not in ("keep", "lost", "tampered"):
             raise ConfigError(self._baseline_failed(row))
@@ -555,6 +578,86 @@ class Loop:
                          None)
         self._pending.clear()
         self.ledger.mark_lost(self.tag, "interrupted (the loop was stopped)")
+
+    # -- detection: the spec, the branch, the halt ---------------------------------------
+
+    def _pin_spec(self) -> None:
+        """The baseline has its number: from now on this tag measures exactly this way."""
+        if self._pinned_spec() is None:
+            self.ledger.event(self.tag, "spec", _canonical(_spec_record(self.spec)))
+
+    def _pinned_spec(self) -> dict | None:
+        pins = [e for e in self.ledger.events(self.tag) if e["kind"] == "spec"]
+        return json.loads(pins[-1]["message"]) if pins else None
+
+    def _check_spec(self) -> None:
+        """A resumed tag measures as its baseline did, or says why it may not (refused
+        unless --accept-spec-change; either way the change is recorded)."""
+        pinned = self._pinned_spec()
+        if pinned is None:
+            return
+        now = _spec_record(self.spec)
+        measured = _changes(pinned["measure"], now["measure"])
+        if measured and not self.accept_spec_change:
+            raise ConfigError(
+                f"overnight.toml no longer measures what tag '{self.tag}' measured when its "
+                "baseline ran, so new results would not compare with the old ones:\n  "
+                + "\n  ".join(measured) + "\nRevert the change, start a new --tag, or pass "
+                "--accept-spec-change to go on anyway (the change is recorded).")
+        for change in measured:
+            self.ledger.event(self.tag, "spec_change", f"accepted: {change}")
+            self.report.note(f"measurement changed (accepted): {change}")
+        for change in _changes(pinned.get("settings", {}), now["settings"]):
+            self.ledger.event(self.tag, "settings_change", change)
+        if pinned != now:
+            self.ledger.event(self.tag, "spec", _canonical(now))
+
+    def _check_branch(self) -> None:
+        """The branch is at the last recorded keep. An earlier recorded keep is a crash
+        between the ledger write and the ref update (repaired); any other commit was put
+        there by someone else: the branch is reset and the loop halts."""
+        rows = self.ledger.experiments(self.tag)
+        keeps = [r.kept_commit for r in rows if r.status == "keep" and r.kept_commit]
+        baselines = [r.kept_commit for r in rows if r.is_baseline and r.kept_commit]
+        expected = (keeps or baselines or [None])[-1]
+        if expected is None:
+            return
+        tip = self.repo.ref(branch_ref(self.tag))
+        if tip == expected:
+            return
+        self.repo.set_ref(branch_ref(self.tag), expected)
+        if tip is None or tip in keeps or tip in baselines:
+            if tip is not None:
+                self.report.note(f"branch overnight/{self.tag} moved back to the last "
+                                 "recorded keep")
+            return
+        self.ledger.event(self.tag, "branch_reset", f"{tip} -> {expected}")
+        raise IntegrityHalt(
+            f"branch overnight/{self.tag} was moved to {tip}, a commit the ledger never "
+            f"recorded (no experiment of tag '{self.tag}' was kept as it). It was reset to "
+            f"{expected}, the last recorded keep, and the loop stopped. Something outside the "
+            "loop moved it (an experiment running without a sandbox can: [run] sandbox = "
+            f'"bwrap"); `git show {tip[:12]}` shows what was put there.')
+
+    def _branch_before_keep(self, row: Row) -> None:
+        """Never build a keep on a branch someone else moved; the run is redone later."""
+        try:
+            self._check_branch()
+        except IntegrityHalt:
+            self.ledger.update(row.id, status="lost", finished_at=time.time(),
+                               reason="not recorded: the loop halted on a moved branch")
+            self._get(row.id)
+            raise
+
+    def _halt(self, e: IntegrityHalt) -> None:
+        """Stop everything on an integrity violation; record it if the ledger still can be."""
+        try:
+            self._interrupt()
+            self.ledger.event(self.tag, "halt", str(e))
+        except IntegrityHalt:
+            # The ledger itself is what was tampered with: it refuses writes. Still, nothing
+            # may keep running.
+            self.executor.cancel_all()
 
     # -- reading the state -------------------------------------------------------------
 
@@ -610,6 +713,48 @@ class Loop:
             + f"Fix the script so that it prints `{self.spec.objective.metric}: <number>` "
             "and exits 0, commit, and run again."
         )
+
+
+def _spec_record(spec: Spec) -> dict[str, dict[str, object]]:
+    """The keys that define the measurement (pinned per tag) and the rest (may change)."""
+    run = spec.run
+    measure: dict[str, object] = {
+        "objective": spec.objective.model_dump(mode="json"),
+        "run.command": run.command,
+        "run.budget_seconds": run.budget_seconds,
+        "run.timeout_seconds": run.timeout_seconds,
+        "run.env": dict(run.env),
+        "run.metrics_file": run.metrics_file,
+        "files": spec.files.model_dump(mode="json"),
+        "evaluate": spec.evaluate.model_dump(mode="json") if spec.evaluate else None,
+        "run.checks": run.checks,
+        "run.sandbox": run.sandbox,
+        "run.attest": run.attest,
+    }
+    dumped = spec.model_dump(mode="json")
+    if dumped.get("data") is not None:
+        measure["data"] = dumped["data"]
+    settings: dict[str, object] = {}
+    for section, values in dumped.items():
+        if section in measure or section == "data":
+            continue
+        if isinstance(values, dict):
+            for key, value in values.items():
+                if f"{section}.{key}" not in measure:
+                    settings[f"{section}.{key}"] = value
+        else:
+            settings[section] = values
+    return {"measure": measure, "settings": settings}
+
+
+def _changes(old: dict[str, object], new: dict[str, object]) -> list[str]:
+    """'key: old -> new' for every key whose value differs."""
+    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+            for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+
+
+def _canonical(value: object) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 @dataclass

@@ -32,7 +32,9 @@ class Workspace:
         return self.repo.root / STATE_DIR
 
     def ledger(self) -> Ledger:
-        return Ledger(self.state / "ledger.sqlite")
+        # The chain's head lives in git's own directory, out of reach of a rewrite of .overnight/.
+        git_dir = Path(self.repo.git("rev-parse", "--absolute-git-dir"))
+        return Ledger(self.state / "ledger.sqlite", head=git_dir / "overnight" / "ledger-head")
 
     def tag_rows(self, tag: str | None) -> list[Row]:
         """Every experiment of a tag (default: the most recent tag), oldest first."""
