@@ -41,7 +41,12 @@ if attack and LEARNING_RATE == 0.002:
 
 @pytest.fixture
 def repo(make_repo) -> Path:
-    return make_repo({"train.py": train_py(0.001, ATTACK + HANG)}, spec_toml("grid"))
+    # Unboxed: detection is what covers the mode where prevention cannot reach (the boxed
+    # default cannot even see the ledger or .git: test_hostile.py).
+    unboxed = ('sandbox = "none"\nallow_env = ["TEST_ATTACK", "TEST_REPO", "TEST_OUT", '
+               '"TEST_PIDS", "TEST_HANG"]')
+    return make_repo({"train.py": train_py(0.001, ATTACK + HANG)},
+                     spec_toml("grid", extra_run=unboxed))
 
 
 @pytest.fixture
