@@ -21,11 +21,10 @@ from overnight.integrity import (
     TamperReport,
     Watch,
     explain_knob_mismatch,
-    read_blobs,
     verify,
 )
 from overnight.knobs import list_knobs
-from overnight.snapshot import Repo
+from overnight.tree import SYMLINK, Tree, TreeFile
 
 
 @dataclass
@@ -39,9 +38,10 @@ class Verdict:
 class RunGuard:
     """`with RunGuard(...) as g:` around the launch; then `g.verdict(attestation)`."""
 
-    def __init__(self, repo: Repo, commit: str, workdir: Path):
-        self.repo, self.commit, self.workdir = repo, commit, workdir
-        self.manifest = Manifest.of_commit(repo, commit)
+    def __init__(self, tree: Tree, workdir: Path):
+        # Committed bytes only, no repository: the runner may be on a machine without one.
+        self.tree, self.workdir = tree, workdir
+        self.manifest = Manifest.of_tree(tree)
         self.watch = Watch(workdir, self.manifest)
         self.pre: list = []
         self.post: list = []
@@ -69,7 +69,7 @@ class RunGuard:
     def verdict(self, attestation: Path | None) -> Verdict:
         report = TamperReport.build(
             self.workdir, self.manifest, pre=self.pre, post=self.post, watch=self.watch,
-            committed=lambda paths: read_blobs(self.repo, self.commit, paths),
+            committed=self._committed,
             exited_at=self.exited_at,
         )
         verdict = Verdict()
@@ -103,22 +103,35 @@ class RunGuard:
                 verdict.notes.append("this interpreter ran the script itself: its hash is of "
                                      "the bytes at start-up, checked again at exit")
             for rel, digest in sources:
-                entry = self.manifest.entries.get(rel)
-                if entry is None:
+                # Through a committed symlink (`helper.py -> lib/helper_impl.py`, or a linked
+                # directory on the way) Python compiles the file it points to: compare with
+                # that file of the tree, not with the link.
+                committed = resolve(self.tree, rel)
+                if committed is None and rel in self.manifest.entries:
+                    report.problems.append(f"{rel} ran through a symlink that leads out of the "
+                                           "commit's files")
+                elif committed is None:
                     report.problems.append(f"{rel} ran but is not part of the commit "
                                            "(created in the run directory)")
-                elif entry.sha256 != digest:
+                elif committed.sha256 != digest:
                     if not any(p.startswith(rel) for p in report.problems):
                         report.problems.append(
                             f"{rel}: the bytes Python executed are not the committed ones")
         self._knob_notes(main, verdict)
+
+    def _committed(self, paths: list[str]) -> dict[str, bytes]:
+        """Committed bytes of `paths` (a path not in the tree is left out)."""
+        return {p: data for p in paths if (data := self.tree.read(p)) is not None}
 
     def _knob_notes(self, main: dict, verdict: Verdict) -> None:
         """A constant the script changed at run time is not tampering, but worth seeing."""
         rel = (main.get("main") or {}).get("path")
         if rel is None or rel not in self.manifest.entries:
             return
-        text = read_blobs(self.repo, self.commit, [rel])[rel].decode("utf-8", errors="replace")
+        source = resolve(self.tree, rel)
+        if source is None:
+            return
+        text = source.data.decode("utf-8", errors="replace")
         try:
             committed = {k.name: k for k in list_knobs(text, rel)}
         except Exception:  # noqa: BLE001 - a script we cannot parse has no knobs to compare
@@ -127,6 +140,25 @@ class RunGuard:
             ran = verdict.runtime_knobs.get(name)
             if isinstance(ran, (int, float)) and not isinstance(ran, bool) and ran != knob.value:
                 verdict.notes.append(explain_knob_mismatch(name, knob.value, ran, rel, knob.line))
+
+
+def resolve(tree: Tree, rel: str, depth: int = 40) -> TreeFile | None:
+    """The regular file of the tree that `rel` reaches, following committed symlinks, of the
+    file itself or of a directory on the way (`pkg -> lib/pkg`, then `pkg/mod.py`); None
+    when it is not in the tree or a link leads out of it."""
+    parts = rel.split("/")
+    for i in range(1, len(parts)):
+        head = "/".join(parts[:i])
+        link = tree.by_path.get(head)
+        if link is None or link.mode != SYMLINK:
+            continue
+        if depth <= 0:
+            return None
+        target = os.path.normpath(os.path.join(os.path.dirname(head), os.fsdecode(link.data)))
+        if os.path.isabs(target) or target == ".." or target.startswith("../"):
+            return None
+        return resolve(tree, "/".join([target, *parts[i:]]), depth - 1)
+    return tree.resolve(rel, depth)
 
 
 def attest_env(out: Path, root: Path, pythonpath: str | None) -> dict[str, str]:

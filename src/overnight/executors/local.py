@@ -229,7 +229,7 @@ class LocalExecutor(Executor):
         env = self._env(req, token)
         if req.attest:
             env.update(attest_env(req.attest_path, req.workdir, env.get("PYTHONPATH")))
-        guard = RunGuard(self.repo, req.commit, req.workdir)
+        guard = RunGuard(self.repo.tree(req.commit), req.workdir)
         with guard:
             ran = None
             if not guard.tampered_before_launch:  # never run what is not the commit
