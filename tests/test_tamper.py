@@ -236,3 +236,36 @@ def test_a_symlinked_module_changed_during_the_run_is_caught(tmp_path: Path):
 def test_a_symlinked_module_left_alone_attests_clean(tmp_path: Path):
     repo = symlinked_repo(tmp_path)
     assert run_guarded(repo, tmp_path / "run" / "work") == ""
+
+
+# --- a flood of events, then a swap put back --------------------------------------------------
+
+FLOODING_TRAIN = """\
+import os
+
+LEARNING_RATE = 0.001
+for _ in range(20000):  # bury what follows under events
+    os.utime("val.txt")
+os.rename("val.txt", ".orig")
+with open(".fake", "w") as f:
+    f.write("0.0001\\n")
+os.replace(".fake", "val.txt")  # swap in an easy validation set
+score = float(open("val.txt").read())
+os.replace(".orig", "val.txt")  # and put the real one back before exit
+print(f"val_loss: {score:.6f}")
+"""
+
+
+def test_a_swap_put_back_after_a_flood_of_touches_is_caught(tmp_path: Path, cli):
+    toml = spec_toml("grid", timeout=60).replace(
+        'editable = ["train.py"]', 'editable = ["train.py"]\nprotected = ["val.txt"]')
+    repo = create_repo(tmp_path / "r", {"train.py": FLOODING_TRAIN, "val.txt": "1.3\n"}, toml)
+    for tag in ("a", "b", "c"):  # the verdict must not depend on how fast the watch keeps up
+        out = cli("run", "-t", tag, "-n", "1", cwd=repo, timeout=120)
+        assert out.returncode in (0, 3), out.stderr
+        row = rows(repo, tag)[-1]
+        assert row["status"] == "tampered", (row["status"], row["metric"], row["reason"])
+        assert row["reason"].startswith("val.txt "), row["reason"]
+        assert row["metric"] is None
+        for work in (repo / ".overnight" / "runs" / tag).glob("*/work"):
+            assert (work / "val.txt").read_text() == "1.3\n"  # put back: exit check sees nothing
