@@ -4,6 +4,7 @@ touches is `tampered`, explained in one line, never kept; the loop halts with ex
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import create_repo, rows, spec_toml
 
-from overnight.guard import RunGuard
+from overnight.guard import RunGuard, attest_env
 from overnight.snapshot import Repo
 
 TAG = "t"
@@ -172,3 +173,101 @@ def test_runtime_knob_values_are_recorded_and_a_changed_one_is_noted(tmp_path: P
     assert "LEARNING_RATE = 0.001 in the commit but 0.002 at run time" in show
     exported = cli("export", "--format", "jsonl", cwd=repo).stdout
     assert json.loads(exported.splitlines()[0])["runtime_knobs"]["LEARNING_RATE"] == 0.002
+
+
+# --- a module reached through a committed symlink --------------------------------------------
+
+HELPER_TRAIN = """\
+import helper
+
+LEARNING_RATE = 0.001
+print(f"val_loss: {helper.loss(LEARNING_RATE):.6f}")
+"""
+HELPER_IMPL = "def loss(lr):\n    return 1.0 + abs(lr - 0.004) * 100\n"
+
+
+def symlinked_repo(tmp_path: Path, train: str = HELPER_TRAIN) -> Path:
+    repo = create_repo(tmp_path / "r", {"train.py": train, "lib/helper_impl.py": HELPER_IMPL},
+                       spec_toml("grid"))
+    (repo / "helper.py").symlink_to("lib/helper_impl.py")
+    subprocess.run(["git", "add", "helper.py"], cwd=repo, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm",
+                    "link"], cwd=repo, check=True)
+    return repo
+
+
+def test_a_module_imported_through_a_committed_symlink_runs_clean(tmp_path: Path, cli):
+    repo = symlinked_repo(tmp_path)
+    out = cli("run", "-t", TAG, "-n", "2", cwd=repo)
+    assert out.returncode == 0, out.stderr
+    rs = rows(repo, TAG)
+    assert rs[0]["status"] == "keep" and rs[0]["metric"] == pytest.approx(1.3), rs[0]
+    assert all(r["status"] != "tampered" for r in rs), [(r["status"], r["reason"]) for r in rs]
+
+
+def run_guarded(repo: Path, work: Path) -> str:
+    """Run train.py of HEAD in `work` under a RunGuard with the attestation on: the summary."""
+    r = Repo(repo)
+    tree = r.tree(r.head())
+    tree.write(work)
+    attest = work.parent / "attest" / "attest.json"
+    attest.parent.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.update(attest_env(attest, work, None))
+    guard = RunGuard(tree, work)
+    with guard:
+        assert not guard.tampered_before_launch
+        guard.launching()
+        subprocess.run([sys.executable, "train.py"], cwd=work, env=env, check=True,
+                       capture_output=True)
+    return guard.verdict(attest).summary
+
+
+def test_a_symlinked_module_changed_during_the_run_is_caught(tmp_path: Path):
+    # The run rewrites the file the link points to, then imports through the link.
+    train = ("import pathlib\n"
+             "pathlib.Path('lib/helper_impl.py').write_text('def loss(lr):\\n    return 0.0\\n')\n"
+             + HELPER_TRAIN)
+    repo = symlinked_repo(tmp_path, train)
+    summary = run_guarded(repo, tmp_path / "run" / "work")
+    assert summary.startswith("lib/helper_impl.py"), summary
+
+
+def test_a_symlinked_module_left_alone_attests_clean(tmp_path: Path):
+    repo = symlinked_repo(tmp_path)
+    assert run_guarded(repo, tmp_path / "run" / "work") == ""
+
+
+# --- a flood of events, then a swap put back --------------------------------------------------
+
+FLOODING_TRAIN = """\
+import os
+
+LEARNING_RATE = 0.001
+for _ in range(20000):  # bury what follows under events
+    os.utime("val.txt")
+os.rename("val.txt", ".orig")
+with open(".fake", "w") as f:
+    f.write("0.0001\\n")
+os.replace(".fake", "val.txt")  # swap in an easy validation set
+score = float(open("val.txt").read())
+os.replace(".orig", "val.txt")  # and put the real one back before exit
+print(f"val_loss: {score:.6f}")
+"""
+
+
+def test_a_swap_put_back_after_a_flood_of_touches_is_caught(tmp_path: Path, cli):
+    """Unboxed: detection where prevention cannot reach (boxed, the committed file cannot
+    even be renamed: test_hostile.py)."""
+    toml = spec_toml("grid", timeout=60, extra_run='sandbox = "none"').replace(
+        'editable = ["train.py"]', 'editable = ["train.py"]\nprotected = ["val.txt"]')
+    repo = create_repo(tmp_path / "r", {"train.py": FLOODING_TRAIN, "val.txt": "1.3\n"}, toml)
+    for tag in ("a", "b", "c"):  # the verdict must not depend on how fast the watch keeps up
+        out = cli("run", "-t", tag, "-n", "1", cwd=repo, timeout=120)
+        assert out.returncode in (0, 3), out.stderr
+        row = rows(repo, tag)[-1]
+        assert row["status"] == "tampered", (row["status"], row["metric"], row["reason"])
+        assert row["reason"].startswith("val.txt "), row["reason"]
+        assert row["metric"] is None
+        for work in (repo / ".overnight" / "runs" / tag).glob("*/work"):
+            assert (work / "val.txt").read_text() == "1.3\n"  # put back: exit check sees nothing

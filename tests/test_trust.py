@@ -144,3 +144,42 @@ def test_checks_gate_blocks_a_better_result_that_fails_them(make_repo, cli):
     out = cli("run", "-t", TAG, "-n", "4", cwd=repo2)
     assert out.returncode == 0, out.stderr
     assert "keep" in [r["status"] for r in rows(repo2, TAG)[1:]]
+
+
+# The metric goes through print inside the region, so each trick below would fake it.
+REGION_TRAIN = train_py(0.001).replace(
+    'print(f"val_loss: {loss:.6f}")',
+    '# overnight: protect\nprint(f"val_loss: {loss:.6f}")\n# overnight: end')
+
+
+def test_tricks_around_a_protected_region_are_rejected_before_any_compute(tmp_path: Path):
+    repo = create_repo(tmp_path / "r", {"train.py": REGION_TRAIN}, spec_toml())
+    region = "# overnight: protect\n"
+    fake = "print = lambda *a, **k: __import__('sys').stdout.write('val_loss: 0.000001\\n')\n"
+    scripted = [
+        # hide the region in a string, print a better number instead
+        edit("train.py", region, 'print("val_loss: 0.000001")\n_ = """\n' + region),
+        edit("train.py", region, fake + region),  # monkeypatch print above it
+        edit("train.py", region, "import builtins\nbuiltins.print = len\n" + region),
+        edit("train.py", region, "def print(*a, **k):\n    pass\n" + region),
+        edit("train.py", "LEARNING_RATE = 0.001", "LEARNING_RATE = 0.003"),  # fine
+    ]
+    # the string trick needs its closing quotes after the region
+    first = scripted[0]
+
+    def string_trick(ctx: Context) -> Proposal:
+        p = first(ctx)
+        text = p.edits["train.py"].replace("# overnight: end\n", '# overnight: end\n"""\n')
+        return Proposal(parent=p.parent, edits={"train.py": text}, description="hide it")
+
+    scripted[0] = string_trick
+    rs = run_loop(repo, scripted, n=6)
+    got = [(r["status"], r["reason"]) for r in rs[1:]]
+    assert [s for s, _ in got] == ["rejected"] * 4 + ["keep"], got
+    assert "inside an assignment at line" in got[0][1] and "top-level statements" in got[0][1]
+    assert got[1][1].startswith("rebinds `print` at line") and "(assignment)" in got[1][1]
+    assert got[2][1].startswith("monkeypatches builtins (`import builtins` at line")
+    assert got[3][1].startswith("rebinds `print` at line") and "(def)" in got[3][1]
+    for r in rs[1:5]:  # nothing ran
+        assert r["commit_sha"] is None and r["started_at"] is None
+    assert rs[5]["metric"] < rs[0]["metric"]

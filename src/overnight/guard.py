@@ -40,6 +40,7 @@ class RunGuard:
     """`with RunGuard(...) as g:` around the launch; then `g.verdict(attestation)`."""
 
     def __init__(self, tree: Tree, workdir: Path):
+        # Committed bytes only, no repository: the runner may be on a machine without one.
         self.tree, self.workdir = tree, workdir
         self.manifest = Manifest.of_tree(tree)
         self.watch = Watch(workdir, self.manifest)
@@ -69,7 +70,7 @@ class RunGuard:
     def verdict(self, attestation: Path | None) -> Verdict:
         report = TamperReport.build(
             self.workdir, self.manifest, pre=self.pre, post=self.post, watch=self.watch,
-            committed=lambda paths: {p: d for p in paths if (d := self.tree.read(p)) is not None},
+            committed=self._committed,
             exited_at=self.exited_at,
         )
         verdict = Verdict()
@@ -103,22 +104,35 @@ class RunGuard:
                 verdict.notes.append("this interpreter ran the script itself: its hash is of "
                                      "the bytes at start-up, checked again at exit")
             for rel, digest in sources:
-                entry = self.manifest.entries.get(rel)
-                if entry is None:
+                # Through a committed symlink (`helper.py -> lib/helper_impl.py`, or a linked
+                # directory on the way) Python compiles the file it points to: compare with
+                # that file of the tree, not with the link.
+                committed = self.tree.resolve(rel)
+                if committed is None and rel in self.manifest.entries:
+                    report.problems.append(f"{rel} ran through a symlink that leads out of the "
+                                           "commit's files")
+                elif committed is None:
                     report.problems.append(f"{rel} ran but is not part of the commit "
                                            "(created in the run directory)")
-                elif entry.sha256 != digest:
+                elif committed.sha256 != digest:
                     if not any(p.startswith(rel) for p in report.problems):
                         report.problems.append(
                             f"{rel}: the bytes Python executed are not the committed ones")
         self._knob_notes(main, verdict)
+
+    def _committed(self, paths: list[str]) -> dict[str, bytes]:
+        """Committed bytes of `paths` (a path not in the tree is left out)."""
+        return {p: data for p in paths if (data := self.tree.read(p)) is not None}
 
     def _knob_notes(self, main: dict, verdict: Verdict) -> None:
         """A constant the script changed at run time is not tampering, but worth seeing."""
         rel = (main.get("main") or {}).get("path")
         if rel is None or rel not in self.manifest.entries:
             return
-        text = (self.tree.read(rel) or b"").decode("utf-8", errors="replace")
+        source = self.tree.resolve(rel)
+        if source is None:
+            return
+        text = source.data.decode("utf-8", errors="replace")
         try:
             committed = {k.name: k for k in list_knobs(text, rel)}
         except Exception:  # noqa: BLE001 - a script we cannot parse has no knobs to compare

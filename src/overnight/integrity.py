@@ -8,6 +8,12 @@ Three witnesses, none of them the experiment itself:
    catches a committed file written in place, replaced by an atomic rename, moved or deleted,
    with the moment it happened, even when the file is put back before exit.
 
+Verdicts never depend on the watch keeping up: what it reads when it gets to an event only
+explains. A committed path changed twice or more during the run (writes closed, renames or
+creates onto it, deletes) is tampered whatever it holds at exit, since what it held in
+between cannot be known; one change that leaves the committed bytes is a no-op rewrite. The
+first event of each kind on each path is always kept, whatever the flood (`Watch.changes`).
+
 Around one run (costs measured on a 20-file, 2 MB tree):
 
     manifest = Manifest.of_commit(repo, commit)         # 13 ms: two git processes
@@ -41,6 +47,7 @@ import subprocess
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,7 +277,11 @@ class Watch:
         self._dirs = {d.rstrip("/") for d in manifest.dirs if d}
         self._lock = threading.Lock()
         self._raw: list[_Raw] = []
-        self._pending: dict[str, list[_Raw]] = {}  # written in place, not yet closed
+        self._kept: set[tuple[str, str]] = set()  # (path, kind) whose first event is kept
+        self._pending: dict[str, list[_Raw]] = {}  # kept events not judged yet
+        self._writing: set[str] = set()  # written in place, not closed yet
+        # Completed changes per path: a write closed, a rename or create onto it, a delete.
+        self._changes: Counter[str] = Counter()
         # path -> (entry, content ≤ _KEEP_BYTES) first seen differing; (None, None): gone
         self._differing: dict[str, tuple[Entry | None, bytes | None]] = {}
         self._observer: BaseObserver | None = None
@@ -317,6 +328,25 @@ class Watch:
                 os.unlink(sentinel)
         for rel in list(self._pending):  # still open for writing, or written through mmap
             self._judge(rel)
+        with self._lock:
+            for rel in self._writing:
+                self._changes[rel] += 1
+            self._writing.clear()
+            # A path changed twice held, in between, bytes nobody read in time: whatever the
+            # watch read late, it counts as differing (see `changes`).
+            for raw in self._raw:
+                if raw.kind != "attrib" and self._changes[raw.path] >= 2:
+                    raw.differs = True
+
+    def changes(self, path: str) -> int:
+        """How many times `path` was changed (a write closed, a rename or create onto it, a
+        delete) while watched. One change that leaves the committed bytes is a no-op rewrite
+        (a formatter with nothing to do, an atomic save of the same text): not tampering. Two
+        or more are, whatever the file holds at exit: what it held in between (a swapped-in
+        data file the run read, then put back) cannot be known, and the watch may get to
+        events late, so what it read then proves nothing."""
+        with self._lock:
+            return self._changes.get(path, 0)
 
     @property
     def events(self) -> list[WatchEvent]:
@@ -374,10 +404,15 @@ class Watch:
         elif kind == "modified" and not event.is_directory:
             # Mid-write (a truncate, half the bytes): judged when the writer closes the file.
             self._record(rel_src, "modified", judge=False)
-        elif kind == "closed" and rel_src in self._pending:
+        elif kind == "closed" and rel_src in self._writing:
+            with self._lock:
+                self._writing.discard(rel_src)
+                self._changes[rel_src] += 1
             self._judge(rel_src)
         elif kind == "attrib" and not event.is_directory:
-            self._record(rel_src, "attrib")
+            # Metadata (touch, chmod): hashed once per path, so that a flood of touches does
+            # not make the watch fall behind; a mode left changed is seen after exit.
+            self._record(rel_src, "attrib", judge=(rel_src, "attrib") not in self._kept)
 
     def _rel(self, path: str | bytes) -> str | None:
         path = os.fsdecode(path)
@@ -393,11 +428,22 @@ class Watch:
     def _record(self, rel: str, kind: EventKind, judge: bool = True) -> None:
         raw = _Raw(time.time(), rel, kind)
         with self._lock:
-            if len(self._raw) < _MAX_EVENTS:
+            # Bounded, but the first event of each kind on each path is always kept: it is
+            # the one that explains what happened.
+            kept = len(self._raw) < _MAX_EVENTS or (rel, kind) not in self._kept
+            if kept:
                 self._raw.append(raw)
+                self._kept.add((rel, kind))
             else:
                 self.dropped += 1
-        self._pending.setdefault(rel, []).append(raw)
+            if kind in ("replaced", "moved", "deleted"):
+                self._changes[rel] += 1
+            if kind == "modified":
+                self._writing.add(rel)
+        if kind == "attrib" and not judge:
+            raw.differs = False  # a later touch: not looked at (the first one was)
+        elif kept:
+            self._pending.setdefault(rel, []).append(raw)
         if judge:
             self._judge(rel)
 
@@ -741,6 +787,8 @@ def _explain_path(root: Path, manifest: Manifest, olds: dict[str, bytes], path: 
         before = f"symlink to {want.target!r}" if want.mode == SYMLINK else "a file"
         after = f"symlink to {now.target!r}" if now.mode == SYMLINK else "a file"
         return _one_line(f"{path}: {before} -> {after} ({how} {when})")
+    if now == want:  # put back, or changed twice: what it held in between went unread
+        return _one_line(f"{path} {how} {when} (contents now match the commit)")
     if now.sha256 == want.sha256:
         return _one_line(f"{path}: mode {want.mode} -> {now.mode} ({how} {when})")
     if content is None and st is not None:

@@ -12,7 +12,7 @@ import functools
 import hashlib
 import os
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 FILE, EXECUTABLE, SYMLINK = "100644", "100755", "120000"  # git's modes
 
@@ -50,17 +50,23 @@ class Tree:
         return f.data if f is not None else None
 
     def resolve(self, path: str, depth: int = 40) -> TreeFile | None:
-        """The regular file `path` ends at, following symlinks that stay inside the tree."""
-        f = self.by_path.get(path)
-        while f is not None and f.mode == SYMLINK and depth > 0:
-            target = os.fsdecode(f.data)
-            if target.startswith("/"):
+        """The regular file `path` reaches, following committed symlinks, of the file itself
+        or of a directory on the way (`pkg -> lib/pkg`, then `pkg/mod.py`); None when it is
+        not in the tree or a link leads out of it."""
+        parts = path.split("/")
+        for i in range(1, len(parts) + 1):
+            head = "/".join(parts[:i])
+            link = self.by_path.get(head)
+            if link is None or link.mode != SYMLINK:
+                continue
+            if depth <= 0:
                 return None
-            joined = os.path.normpath(str(PurePosixPath(path).parent / target))
-            if joined.startswith("../") or joined == "..":
+            target = os.path.normpath(os.path.join(os.path.dirname(head),
+                                                   os.fsdecode(link.data)))
+            if os.path.isabs(target) or target == ".." or target.startswith("../"):
                 return None
-            path, f, depth = joined, self.by_path.get(joined), depth - 1
-        return f if f is not None and f.mode != SYMLINK else None
+            return self.resolve("/".join([target, *parts[i:]]), depth - 1)
+        return self.by_path.get(path)
 
     @property
     def size(self) -> int:

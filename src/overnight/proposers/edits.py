@@ -474,11 +474,13 @@ def check_regions(files: Mapping[str, str], edits: Mapping[str, str]) -> None:
     """EditError if an edit changes, moves or removes a protected region of its file."""
     for path, new in edits.items():
         problem = check_edit(path, files.get(path, ""), new)
-        if problem:
+        if problem and problem.startswith(("edits ", "adds a protected", f"{path}:")):
             raise EditError(
                 f"your edit {problem}: the lines from `# overnight: protect` to "
                 "`# overnight: end` must stay exactly as they are (markers included)"
             )
+        if problem:  # a region hidden, or what it reads rebound: the message says which
+            raise EditError(f"your edit {problem}")
 
 
 def line_stats(old: str, new: str) -> tuple[int, int]:
