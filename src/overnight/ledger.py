@@ -264,27 +264,27 @@ def _refuse_foreign(db: sqlite3.Connection, path: Path) -> None:
 class Ledger:
     def __init__(self, path: Path):
         self.path = path
-        self.db: sqlite3.Connection | None = None
+        db: sqlite3.Connection | None = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             # Autocommit: every write is its own durable transaction unless grouped explicitly.
-            self.db = sqlite3.connect(path, isolation_level=None, timeout=30,
-                                      check_same_thread=False)
-            self.db.row_factory = sqlite3.Row
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            _refuse_foreign(self.db, path)
-            self.db.executescript(_SCHEMA)
-            have = {r["name"] for r in self.db.execute("PRAGMA table_info(experiments)")}
+            db = sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            _refuse_foreign(db, path)
+            db.executescript(_SCHEMA)
+            have = {r["name"] for r in db.execute("PRAGMA table_info(experiments)")}
             for name, definition in _ADDED_COLUMNS.items():
                 if name not in have:
-                    self.db.execute(f"ALTER TABLE experiments ADD COLUMN {name} {definition}")
+                    db.execute(f"ALTER TABLE experiments ADD COLUMN {name} {definition}")
         except (sqlite3.Error, OSError, OvernightError) as e:
-            if self.db is not None:
-                self.db.close()
+            if db is not None:
+                db.close()
             if isinstance(e, OvernightError):
                 raise
             raise open_error(path, e) from None
+        self.db = db
 
     def close(self) -> None:
         self.db.close()
