@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import signal
+import sqlite3
 import sys
 from enum import Enum
 from pathlib import Path
@@ -14,7 +16,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from overnight import __version__
-from overnight.errors import ConfigError, OvernightError
+from overnight.errors import ConfigError, IntegrityHalt, OvernightError
+from overnight.text import printable
 
 app = typer.Typer(
     name="overnight",
@@ -54,12 +57,49 @@ def command(fn):  # noqa: ANN001, ANN201
     @functools.wraps(fn)
     def guarded(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         try:
-            return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            except typer.Exit:
+                raise
+            except Exception as e:
+                translated = _environment_error(e, Path(kwargs.get("repo") or "."))
+                if translated is None:
+                    raise
+                raise translated from e
         except OvernightError as e:
-            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+            err_console.print(f"[bold red]error:[/] {escape(printable(str(e)))}", highlight=False)
             raise typer.Exit(e.exit_code) from None
 
     return app.command()(guarded)
+
+
+def _environment_error(e: Exception, repo: Path) -> OvernightError | None:
+    """The last line of defence: a full disk, or a ledger or file that cannot be written,
+    whatever raised it, becomes one message saying what to do. None: not such a failure."""
+    from overnight.ledger import disk_full, unwritable
+    from overnight.workspace import LEDGER_FILE, STATE_DIR
+
+    if isinstance(e, (ConfigError, IntegrityHalt)):
+        return None
+    state = repo.resolve() / STATE_DIR
+    if disk_full(state):  # whatever failed (git, SQLite, a log, a thread), this is why
+        return OvernightError(f"the disk holding {state} is full: free space and run the same "
+                              "command again; nothing recorded is lost")
+    text = str(e).lower()
+    if isinstance(e, sqlite3.OperationalError) and "readonly" in text:
+        why = unwritable(state / LEDGER_FILE)
+        return OvernightError(f"the ledger {state / LEDGER_FILE} cannot be written: "
+                              f"{why or 'make it writable, then run the same command again'}")
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = Path(e.filename).parent if e.filename else state
+        return OvernightError(f"the disk holding {where} is full: free space and run the same "
+                              "command again; nothing recorded is lost")
+    if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        what = e.filename or state
+        why = "is on a read-only file system" if e.errno == errno.EROFS else \
+            "cannot be written by this user (or is immutable: see `lsattr`)"
+        return OvernightError(f"{what} {why}: make it writable, then run the same command again")
+    return None
 
 
 class Direction(str, Enum):
@@ -91,10 +131,10 @@ def init(
 
     path, spec = write_init(repo, command, metric, direction.value if direction else None,
                             editable or [], protected or [], force)
-    console.print(f"wrote {path}: {spec.objective.direction} {spec.objective.metric} is better; "
-                  f"runs `{spec.run.command}`; edits {', '.join(spec.files.editable)}"
-                  + (f"; protects {', '.join(spec.files.protected)}"
-                     if spec.files.protected else ""))
+    console.print(escape(
+        f"wrote {path}: {spec.objective.direction} {spec.objective.metric} is better; "
+        f"runs `{spec.run.command}`; edits {', '.join(spec.files.editable)}"
+        + (f"; protects {', '.join(spec.files.protected)}" if spec.files.protected else "")))
     console.print("next: review it, `git add overnight.toml && git commit`, then `overnight run`")
 
 
@@ -189,10 +229,20 @@ def export(
     else:
         text = export_jsonl(rows)
     if output:
-        output.write_text(text)
-        err_console.print(f"wrote {len(rows)} experiments to {output}")
+        _write_output(output, text)
+        err_console.print(f"wrote {len(rows)} experiments to {escape(str(output))}")
     else:
-        sys.stdout.write(text)
+        sys.stdout.write(printable(text) if sys.stdout.isatty() else text)
+
+
+def _write_output(output: Path, text: str) -> None:
+    if output.is_dir():
+        raise ConfigError(f"--output {output} is a directory: name a file, e.g. "
+                          f"--output {output / 'results.tsv'}")
+    if not output.parent.is_dir():
+        raise ConfigError(f"--output {output}: the directory {output.parent} does not exist: "
+                          f"create it (`mkdir -p {output.parent}`) or write somewhere else")
+    output.write_text(text)
 
 
 @command
@@ -221,7 +271,7 @@ def steer(
         ledger.add_note(note, tag)
     finally:
         ledger.close()
-    console.print(f"noted for {'tag ' + tag if tag else 'every tag'}: {note}")
+    console.print(f"noted for {'tag ' + tag if tag else 'every tag'}: {escape(note)}")
 
 
 def _row(ws, experiment_id: int):  # noqa: ANN001, ANN202
@@ -264,7 +314,8 @@ def diff(experiment_id: Annotated[int, typer.Argument(metavar="ID")],
     if row.is_baseline:
         err_console.print(f"#{experiment_id} is the baseline: HEAD, unchanged")
         return
-    sys.stdout.write(_diff(ws, row) + "\n")
+    text = _diff(ws, row) + "\n"
+    sys.stdout.write(printable(text) if sys.stdout.isatty() else text)
 
 
 @command

@@ -14,8 +14,10 @@ so a file rewritten and re-chained from scratch does not match it.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import csv
+import errno
 import fcntl
 import hashlib
 import io
@@ -24,12 +26,13 @@ import math
 import operator
 import os
 import sqlite3
+import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from overnight.errors import IntegrityHalt
+from overnight.errors import ConfigError, IntegrityHalt, OvernightError
 
 FINAL = ("keep", "discard", "crash", "timeout", "tampered", "rejected", "checks_failed", "lost")
 ACTIVE = ("queued", "running")
@@ -177,23 +180,137 @@ def _to_row(r: sqlite3.Row) -> Row:
     return Row(**d)
 
 
+# -- why a ledger cannot be opened or written ---------------------------------
+
+_FS_IOC_GETFLAGS = 0x80006601 | (struct.calcsize("l") << 16)  # _IOR('f', 1, long)
+_FS_IMMUTABLE_FL = 0x10
+
+
+def _immutable(path: Path) -> bool:
+    """True if `path` carries the immutable attribute (`chattr +i`)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        flags = array.array("l", [0])
+        fcntl.ioctl(fd, _FS_IOC_GETFLAGS, flags, True)
+    except OSError:  # a file system without inode flags
+        return False
+    finally:
+        os.close(fd)
+    return bool(flags[0] & _FS_IMMUTABLE_FL)
+
+
+def disk_full(path: Path) -> bool:
+    """True if the file system holding `path` (or its nearest existing parent) has no room."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 1 << 20
+
+
+def unwritable(path: Path) -> str | None:
+    """Why the ledger at `path` cannot be written, with what to do; None if it can.
+
+    SQLite writes the ledger and creates ledger.sqlite-wal and -shm next to it, so both
+    the file and its directory must be writable.
+    """
+    for target in (path.parent, path):
+        if not target.exists() or os.access(target, os.W_OK):
+            continue
+        if os.statvfs(target).f_flag & os.ST_RDONLY:
+            return (f"the file system holding {target} is mounted read-only: remount it "
+                    "read-write, or work in a copy of the repository")
+        if _immutable(target):
+            return (f"{target} is immutable (chattr +i): run `chattr -i {target}` as root, "
+                    "then the same command again")
+        kind = "directory" if target.is_dir() else "file"
+        return (f"the {kind} {target} is read-only for this user: make it writable "
+                f"(`chmod u+w {target}`, or run as its owner), then the same command again")
+    return None
+
+
+def open_error(path: Path, e: sqlite3.Error | OSError) -> OvernightError:
+    """The error a user sees when the ledger at `path` cannot be opened: cause and remedy."""
+    name = getattr(e, "sqlite_errorname", "")
+    text = str(e).lower()
+    if isinstance(e, OSError) and e.errno in (errno.ENOTDIR, errno.EEXIST):
+        return ConfigError(f"{path.parent} is not a directory: overnight keeps its ledger "
+                           "there; move that file away and run the same command again")
+    if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) \
+            or name == "SQLITE_FULL" or "disk is full" in text \
+            or (name.startswith("SQLITE_IOERR") or "disk i/o error" in text) and disk_full(path):
+        return OvernightError(f"the disk holding {path.parent} is full: free space and run the "
+                              "same command again; nothing recorded is lost")
+    if name in ("SQLITE_NOTADB", "SQLITE_CORRUPT") or "not a database" in text \
+            or "malformed" in text:
+        return ConfigError(
+            f"{path} is damaged or not a SQLite database ({e}): move it aside (`mv {path} "
+            f"{path}.damaged`) and run again to start a new ledger; kept commits stay on the "
+            "overnight/<tag> branches")
+    if name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM")) \
+            or isinstance(e, PermissionError) or "readonly" in text or "unable to open" in text:
+        why = unwritable(path)
+        if why is not None:
+            return OvernightError(f"cannot open the ledger {path}: {why}")
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "locked" in text:
+        return OvernightError(f"the ledger {path} stayed locked by another process for 30 s: "
+                              "wait for it to finish, or stop it, then run the same command again")
+    return OvernightError(f"cannot open the ledger {path}: {e}; check the file and its disk, "
+                          "then run the same command again")
+
+
+def _refuse_foreign(db: sqlite3.Connection, path: Path) -> None:
+    """Leave alone a SQLite file that is not a ledger: tables but no experiments table, or an
+    experiments table without the columns every ledger has had."""
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
+                                       "AND name NOT LIKE 'sqlite_%'")}
+    if not tables:
+        return
+    if "experiments" in tables:
+        have = {r[1] for r in db.execute("PRAGMA table_info(experiments)")}
+        missing = [c for c in _COLUMNS if c not in have and c not in _ADDED_COLUMNS]
+        if not missing:
+            return
+        what = f"an experiments table without {', '.join(missing[:4])}"
+    else:
+        what = f"tables {', '.join(sorted(tables))}"
+    raise ConfigError(
+        f"{path} is not an overnight ledger (it is a SQLite database with {what}): move it "
+        f"aside (`mv {path} {path}.other`) and run again to start a new ledger")
+
+
 class Ledger:
     def __init__(self, path: Path, head: Path | None = None):
         """`head`: where the chain's head is kept, outside the directory of `path` (None:
         the chain is verified on its own, without a head to compare it with)."""
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.head = head
-        # Autocommit: every write is its own durable transaction unless grouped explicitly.
-        self.db = sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(_SCHEMA)
-        have = {r["name"] for r in self.db.execute("PRAGMA table_info(experiments)")}
-        for name, definition in _ADDED_COLUMNS.items():
-            if name not in have:
-                self.db.execute(f"ALTER TABLE experiments ADD COLUMN {name} {definition}")
+        db: sqlite3.Connection | None = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Autocommit: every write is its own durable transaction unless grouped explicitly.
+            db = sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            _refuse_foreign(db, path)
+            db.executescript(_SCHEMA)
+            have = {r["name"] for r in db.execute("PRAGMA table_info(experiments)")}
+            for name, definition in _ADDED_COLUMNS.items():
+                if name not in have:
+                    db.execute(f"ALTER TABLE experiments ADD COLUMN {name} {definition}")
+        except (sqlite3.Error, OSError, OvernightError) as e:
+            if db is not None:
+                db.close()
+            if isinstance(e, OvernightError):
+                raise
+            raise open_error(path, e) from None
+        self.db = db
         self._head_fd: int | None = None  # the head file, also the writers' lock
         if head is not None:
             head.parent.mkdir(parents=True, exist_ok=True)

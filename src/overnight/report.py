@@ -14,6 +14,7 @@ from overnight import judge
 from overnight.ledger import Ledger, Row
 from overnight.metrics import tail
 from overnight.spec import Objective
+from overnight.text import printable
 
 STATUS_STYLE = {
     "keep": "bold green", "discard": "yellow", "crash": "red", "timeout": "red",
@@ -42,8 +43,8 @@ def result_line(objective: Objective, row: Row, best: Row | None, baseline: Row 
         t.append(f"{objective.metric} {row.metric:.6f} ")
         t.append(f"{fmt_delta(objective, row, baseline):<20}", style="dim")
     elif row.reason:
-        t.append(f"{row.reason[:60]:<40} ", style="dim")
-    t.append(f" {row.description[:70]}")
+        t.append(f"{printable(row.reason)[:60]:<40} ", style="dim")
+    t.append(f" {printable(row.description)[:70]}")
     if row.duration_s is not None:
         t.append(f"  {row.duration_s:.1f}s", style="dim")
     counter = f"{done}/{total}" if total else f"{done}"
@@ -91,7 +92,7 @@ class ConsoleReporter:
         for row in self.running.values():
             started = row.started_at or row.created_at
             table.add_row(f"#{row.id}", str(row.slot), f"{now - started:5.0f}s",
-                          row.description[:80])
+                          Text(printable(row.description)[:80]))
         counter = f"{self.done}/{self.total}" if self.total else str(self.done)
         best = fmt_metric(self.best.metric) if self.best else "-"
         head = Text(f"overnight/{self.tag}: {counter} experiments done, best "
@@ -101,8 +102,8 @@ class ConsoleReporter:
     def started(self, row: Row) -> None:
         self.running[row.id] = row.__class__(**{**row.__dict__, "started_at": time.time()})
         if not self.live:
-            self.console.print(Text(f"#{row.id:<4}started  slot {row.slot}: {row.description}",
-                                    style="dim"))
+            self.console.print(Text(f"#{row.id:<4}started  slot {row.slot}: "
+                                    f"{printable(row.description)}", style="dim"))
 
     def finished(self, row: Row, best: Row | None, done: int) -> None:
         self.running.pop(row.id, None)
@@ -111,7 +112,7 @@ class ConsoleReporter:
         self.console.print(line)
 
     def note(self, text: str) -> None:
-        self.console.print(Text(text, style="yellow"))
+        self.console.print(Text(printable(text), style="yellow"))
 
 
 def status_view(ledger: Ledger, tag: str, objective: Objective) -> Group:
@@ -155,7 +156,7 @@ def status_view(ledger: Ledger, tag: str, objective: Objective) -> Group:
         now = time.time()
         for r in running:
             since = f"{now - r.started_at:.0f}s" if r.started_at else "queued"
-            lines.append(Text(f"    #{r.id} slot {r.slot} {since}: {r.description}"))
+            lines.append(Text(f"    #{r.id} slot {r.slot} {since}: {printable(r.description)}"))
     return Group(*lines)
 
 
@@ -169,44 +170,49 @@ def hypotheses_view(rows: list[Row], objective: Objective) -> Table:
             continue
         delta = f"{r.delta:+.6f}" if r.delta is not None else "-"
         table.add_row(f"#{r.id}", Text(r.status, style=STATUS_STYLE.get(r.status, "")), delta,
-                      r.hypothesis or "-", r.description)
+                      Text(printable(r.hypothesis) or "-"), Text(printable(r.description)))
     return table
+
+
+def _safe(text: str, style: str = "") -> Text:
+    """A line of show's output: every field in it may come from the experiment or a model."""
+    return Text(printable(text), style=style)
 
 
 def show_view(row: Row, objective: Objective, diff: str, log_lines: int = 20) -> Group:
     out: list = []
-    out.append(Text(f"experiment #{row.id} ({row.tag})", style="bold"))
-    out.append(Text(f"  status       {row.status}", style=STATUS_STYLE.get(row.status, "")))
+    out.append(_safe(f"experiment #{row.id} ({row.tag})", style="bold"))
+    out.append(_safe(f"  status       {row.status}", style=STATUS_STYLE.get(row.status, "")))
     if row.reason:
-        out.append(Text(f"  reason       {row.reason}"))
-    out.append(Text(f"  description  {row.description}"))
+        out.append(_safe(f"  reason       {row.reason}"))
+    out.append(_safe(f"  description  {row.description}"))
     if row.hypothesis:
-        out.append(Text(f"  hypothesis   {row.hypothesis}"))
-    out.append(Text(f"  commit       {row.commit_sha or '-'} (parent {(row.parent or '-')[:10]})"))
+        out.append(_safe(f"  hypothesis   {row.hypothesis}"))
+    out.append(_safe(f"  commit       {row.commit_sha or '-'} (parent {(row.parent or '-')[:10]})"))
     if row.kept_commit and not row.is_baseline:
-        out.append(Text(f"  kept as      {row.kept_commit} on overnight/{row.tag}"))
-    out.append(Text(f"  {objective.metric:<12} {fmt_metric(row.metric)}"
+        out.append(_safe(f"  kept as      {row.kept_commit} on overnight/{row.tag}"))
+    out.append(_safe(f"  {objective.metric:<12} {fmt_metric(row.metric)}"
                     + (f"  (delta {row.delta:+.6f})" if row.delta is not None else "")))
     if row.metrics:
         shown = ", ".join(f"{k}={v:g}" for k, v in row.metrics.items())
-        out.append(Text(f"  metrics      {shown}"))
+        out.append(_safe(f"  metrics      {shown}"))
     if row.knobs:
-        out.append(Text("  knobs        " + ", ".join(f"{k}={v}" for k, v in row.knobs.items())))
+        out.append(_safe("  knobs        " + ", ".join(f"{k}={v}" for k, v in row.knobs.items())))
     if row.runtime_knobs:
         shown = ", ".join(f"{k}={v}" for k, v in row.runtime_knobs.items())
-        out.append(Text(f"  ran with     {shown}"))
+        out.append(_safe(f"  ran with     {shown}"))
     integrity = row.integrity or {}
     if integrity.get("problems"):
         for problem in integrity["problems"]:
-            out.append(Text(f"  TAMPERED     {problem}", style="bold red"))
+            out.append(_safe(f"  TAMPERED     {problem}", style="bold red"))
     elif integrity:
         outputs = integrity.get("n_outputs", 0)
-        out.append(Text(f"  integrity    what ran is what was committed ({outputs} output "
+        out.append(_safe(f"  integrity    what ran is what was committed ({outputs} output "
                         "file(s) written)", style="green"))
     for note in integrity.get("notes", []):
-        out.append(Text(f"  note         {note}", style="yellow"))
+        out.append(_safe(f"  note         {note}", style="yellow"))
     if integrity.get("watch_unavailable"):
-        out.append(Text(f"  note         live watch: {integrity['watch_unavailable']}",
+        out.append(_safe(f"  note         live watch: {integrity['watch_unavailable']}",
                         style="yellow"))
     if integrity.get("sandbox"):
         out.append(Text(f"  isolation    {integrity['sandbox']}",
@@ -217,18 +223,18 @@ def show_view(row: Row, objective: Objective, diff: str, log_lines: int = 20) ->
                         "the run (add a name to [run] allow_env to pass it): "
                         + ", ".join(withheld), style="yellow"))
     if row.tokens_in or row.tokens_out:
-        out.append(Text(f"  proposer     {row.proposer}: {row.tokens_in:,} tokens in, "
+        out.append(_safe(f"  proposer     {row.proposer}: {row.tokens_in:,} tokens in, "
                         f"{row.tokens_out:,} out, ${row.cost_usd:.4f}"))
     if row.duration_s is not None:
         mem = f"{row.memory_gb:.2f} GB" if row.memory_gb is not None else "-"
-        out.append(Text(f"  timings      ran {row.duration_s:.1f}s, exit {row.returncode}, "
+        out.append(_safe(f"  timings      ran {row.duration_s:.1f}s, exit {row.returncode}, "
                         f"memory {mem}, slot {row.slot}, {row.hardware}"))
     if row.log_path:
-        out.append(Text(f"  log          {row.log_path}"))
+        out.append(_safe(f"  log          {row.log_path}"))
     if diff:
-        out.append(Text("--- diff against parent ---", style="dim"))
-        out.append(Text(diff))
+        out.append(_safe("--- diff against parent ---", style="dim"))
+        out.append(_safe(diff))
     if row.log_path and Path(row.log_path).exists():
-        out.append(Text(f"--- last {log_lines} lines of the log ---", style="dim"))
-        out.append(Text(tail(Path(row.log_path), log_lines)))
+        out.append(_safe(f"--- last {log_lines} lines of the log ---", style="dim"))
+        out.append(_safe(tail(Path(row.log_path), log_lines)))
     return Group(*out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Literal
@@ -136,6 +137,8 @@ class Search(_Section):
     @classmethod
     def _ordered(cls, v: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
         for name, (lo, hi) in v.items():
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                raise ValueError(f"{name} = [{lo:g}, {hi:g}]: bounds must be finite numbers")
             if not lo < hi:
                 raise ValueError(f"{name}: lower bound {lo:g} must be < upper bound {hi:g}")
         return v
@@ -192,12 +195,22 @@ def parse_spec(data: dict, source: str = SPEC_FILE) -> Spec:
 
 def load_spec(repo: Path) -> Spec:
     path = repo / SPEC_FILE
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory, not the spec file: move it away and run "
+                          "`overnight init` to write one")
     if not path.exists():
         raise ConfigError(
             f"no {SPEC_FILE} in {repo}: run `overnight init` there to write one"
         )
+    raw = path.read_bytes()
     try:
-        data = tomllib.loads(path.read_text())
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{SPEC_FILE} is not UTF-8 text (byte {raw[e.start]:#04x} on line "
+                          f"{line}): save it as UTF-8") from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{SPEC_FILE} is not valid TOML: {e}") from None
     return parse_spec(data)

@@ -8,12 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from overnight import sandbox
-from overnight.errors import ConfigError
-from overnight.ledger import Ledger, Row
+from overnight.errors import ConfigError, OvernightError
+from overnight.ledger import Ledger, Row, unwritable
 from overnight.snapshot import Repo
 from overnight.spec import SPEC_FILE, Spec, load_spec, parse_spec, tomllib
 
 STATE_DIR = ".overnight"
+LEDGER_FILE = "ledger.sqlite"
 TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -24,7 +25,7 @@ class Workspace:
 
     @classmethod
     def open(cls, path: Path) -> Workspace:
-        repo = Repo.open(path)
+        repo = Repo.open(repo_dir(path))
         return cls(repo, load_spec(repo.root))
 
     @property
@@ -34,7 +35,7 @@ class Workspace:
     def ledger(self) -> Ledger:
         # The chain's head lives in git's own directory, out of reach of a rewrite of .overnight/.
         git_dir = Path(self.repo.git("rev-parse", "--absolute-git-dir"))
-        return Ledger(self.state / "ledger.sqlite", head=git_dir / "overnight" / "ledger-head")
+        return Ledger(self.state / LEDGER_FILE, head=git_dir / "overnight" / "ledger-head")
 
     def tag_rows(self, tag: str | None) -> list[Row]:
         """Every experiment of a tag (default: the most recent tag), oldest first."""
@@ -61,16 +62,58 @@ class Workspace:
                 "fix the path in overnight.toml or commit the file"
             )
         sandbox.resolve(self.spec.run.sandbox)  # exit 2 now, not in every run
+        why = unwritable(self.state / LEDGER_FILE)
+        if why is not None:
+            raise OvernightError(f"overnight run records every experiment in "
+                                 f"{self.state / LEDGER_FILE}, which cannot be written: {why}")
         self.repo.exclude(f"/{STATE_DIR}/")
 
 
+def repo_dir(path: Path) -> Path:
+    """`path` if it is a directory: --repo names the repository's directory."""
+    if not path.exists():
+        raise ConfigError(f"--repo {path} does not exist: pass the directory of your repository")
+    if not path.is_dir():
+        raise ConfigError(f"--repo {path} is a file: pass the directory of your repository"
+                          f" (e.g. --repo {path.parent})")
+    return path
+
+
 def check_tag(tag: str) -> str:
+    """A tag that names a git branch, overnight/<tag>, or ConfigError saying what to change."""
     if not TAG_RE.match(tag):
         raise ConfigError(
-            f"--tag {tag!r} is not a valid tag: use letters, digits, '.', '_' or '-' "
-            "(it becomes the branch overnight/<tag>)"
+            f"--tag {tag!r} is not a valid tag: use letters, digits, '.', '_' or '-', starting "
+            "with a letter or digit (it becomes the branch overnight/<tag>)"
         )
+    problem = ref_name_problem(f"refs/heads/overnight/{tag}")
+    if problem:
+        raise ConfigError(f"--tag {tag!r} cannot name the git branch overnight/{tag}: {problem}; "
+                          "choose another tag")
     return tag
+
+
+def ref_name_problem(name: str) -> str | None:
+    """Which rule of `git check-ref-format` the ref `name` breaks, or None if it is valid."""
+    if name == "@":
+        return "a ref cannot be the single character '@'"
+    if name.startswith("/") or name.endswith("/") or "//" in name:
+        return "a ref cannot begin or end with '/' or contain '//'"
+    if name.endswith("."):
+        return "a ref cannot end with '.'"
+    if ".." in name:
+        return "a ref cannot contain '..'"
+    if "@{" in name:
+        return "a ref cannot contain '@{'"
+    bad = sorted({c for c in name if ord(c) < 0x20 or ord(c) == 0x7f or c in " ~^:?*[\\"})
+    if bad:
+        return f"a ref cannot contain {', '.join(repr(c) for c in bad)}"
+    for part in name.split("/"):
+        if part.startswith("."):
+            return f"a part of a ref cannot begin with '.' ({part!r})"
+        if part.endswith(".lock"):
+            return f"a part of a ref cannot end with '.lock' ({part!r})"
+    return None
 
 
 def default_tag(ledger: Ledger) -> str:
@@ -111,7 +154,7 @@ def guess_direction(metric: str) -> str | None:
 
 def write_init(root: Path, command: str | None, metric: str | None, direction: str | None,
                editable: list[str], protected: list[str], force: bool) -> tuple[Path, Spec]:
-    repo = Repo.open(root)
+    repo = Repo.open(repo_dir(root))
     repo.head()
     spec_path = repo.root / SPEC_FILE
     if spec_path.exists() and not force:
