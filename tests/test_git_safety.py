@@ -328,11 +328,11 @@ def test_a_driver_name_git_cannot_be_told_to_ignore_stops_the_harness(make_repo)
 def test_missing_repo_and_file_are_bad_input_not_a_missing_git(tmp_path, cli):
     out = cli("status", "--repo", str(tmp_path / "missing"), cwd=tmp_path)
     assert out.returncode == 2, out.stderr
-    assert "no such directory" in out.stderr and "not installed" not in out.stderr
+    assert "does not exist" in out.stderr and "not installed" not in out.stderr
     (tmp_path / "file").write_text("x")
     out = cli("status", "--repo", str(tmp_path / "file"), cwd=tmp_path)
     assert out.returncode == 2, out.stderr
-    assert "is not a directory" in out.stderr
+    assert "is a file" in out.stderr
 
 
 def test_git_missing_is_said_so(tmp_path, monkeypatch):

@@ -37,10 +37,12 @@ TAG = "t"
 
 @dataclass
 class Harness:
-    """`overnight` run by `user` ("root" or "nobody") on repositories it owns."""
+    """`overnight` run by `user` ("root" or "nobody") on repositories it owns, with the
+    default sandbox or a forced one ("user": one unprivileged uid per slot)."""
 
     user: str
     base: Path
+    sandbox: str = ""
 
     def repo(self, train: str, run_extra: str = "", files: dict[str, str] | None = None,
              extra: str = "", budget: float = 5, timeout: float = 20,
@@ -56,7 +58,9 @@ class Harness:
             budget_seconds = {budget}
             timeout_seconds = {timeout}
             kill_grace_seconds = 1
-            """) + run_extra + textwrap.dedent(f"""
+            """) + (f'sandbox = "{self.sandbox}"\n' if self.sandbox and "sandbox =" not in
+                    run_extra else "") + run_extra \
+            + textwrap.dedent(f"""
             [files]
             editable = ["train.py"]
             protected = {json.dumps(list(protected))}
@@ -99,20 +103,36 @@ class Harness:
                               capture_output=True, text=True, check=False)
 
 
-@pytest.fixture(params=["root", "nobody"])
-def harness(request: pytest.FixtureRequest):
+def make_harness(param: str) -> Harness:
     if not Path(SYSTEM_PYTHON).exists():
         pytest.fail(f"{SYSTEM_PYTHON} is needed to run the harness as an unprivileged user")
     base = Path(tempfile.mkdtemp(prefix="overnight-hostile-"))
     base.chmod(0o755)
-    h = Harness(request.param, base)
+    user, _, mode = param.partition(", sandbox ")
+    h = Harness(user, base, mode)
     home = base / f"home-{h.user}"
     (home / ".ssh").mkdir(parents=True)
     (home / ".ssh" / "id_ed25519").write_text("PRIVATE KEY of the harness's user\n")
     (home / ".netrc").write_text("machine example.com login me password hunter2\n")
     h.own(home)
+    return h
+
+
+@pytest.fixture(params=["root", "nobody", "root, sandbox user"])
+def harness(request: pytest.FixtureRequest):
+    """The harness as root and as nobody, boxed by bubblewrap (the default here); and as root
+    with sandbox = "user", what a container that forbids namespaces gets."""
+    h = make_harness(request.param)
     yield h
-    shutil.rmtree(base, ignore_errors=True)
+    shutil.rmtree(h.base, ignore_errors=True)
+
+
+@pytest.fixture(params=["root", "nobody"])
+def default_harness(request: pytest.FixtureRequest):
+    """The harness as root and as nobody, with the default sandbox (`auto`)."""
+    h = make_harness(request.param)
+    yield h
+    shutil.rmtree(h.base, ignore_errors=True)
 
 
 def ledger_rows(repo: Path) -> list[dict]:
@@ -258,21 +278,27 @@ def test_the_box_seen_from_inside(harness: Harness):
     try:
         out = harness.run(repo, "run", "-t", TAG, "-n", "1",
                           PROBE_PORT=str(server.getsockname()[1]))
-        with pytest.raises(TimeoutError):
-            server.accept()  # nobody connected
+        if harness.sandbox != "user":  # without namespaces there is no network of its own
+            with pytest.raises(TimeoutError):
+                server.accept()  # nobody connected
     finally:
         server.close()
     assert out.returncode == 0, out.stdout + out.stderr
     log = log_of(ledger_rows(repo)[0])
-    assert "CAPS 0000000000000000 0000000000000000" in log, log
+    assert "CAPS 0000000000000000 " in log, log
     assert "MOUNT refused" in log
+    assert "WRITE ok probe.txt" in log and "WRITE ok /dev/shm/probe" in log
+    for refused in ("/usr/probe", "/etc/probe", "/var/tmp/probe"):
+        assert f"WRITE refused {refused}" in log, log
+    if harness.sandbox == "user":  # no namespaces: Landlock and a uid of its own
+        assert "PID1 PermissionError" in log  # other processes are there, but not its to read
+        assert "WRITE refused /tmp/probe" in log  # its $TMPDIR is its own, /tmp is not
+        return
+    assert "CAPS 0000000000000000 0000000000000000" in log, log
     pids = eval(log.split("PIDS ")[1].splitlines()[0])  # its own pid namespace: a handful
     assert len(pids) < 10 and 1 in pids
     assert "NET blocked" in log
-    for ok in ("/tmp/probe", "/dev/shm/probe", "probe.txt", "probe.txt"):
-        assert f"WRITE ok {ok}" in log or ok == "probe.txt"
-    for refused in ("/usr/probe", "/etc/probe", "/var/tmp/probe"):
-        assert f"WRITE refused {refused}" in log, log
+    assert "WRITE ok /tmp/probe" in log
     assert not Path("/var/tmp/probe").exists() and not Path("/tmp/probe").exists()
     assert not (harness.base / f"home-{harness.user}" / "probe").exists()
 
@@ -329,10 +355,12 @@ def test_kill_9_of_the_harness_takes_its_runs_with_it(harness: Harness):
     deadline = time.monotonic() + 10
     while daemons(mark) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert daemons(mark) == []  # died with the harness, not left for a resume to find
+    if harness.sandbox != "user":
+        assert daemons(mark) == []  # died with the harness, not left for a resume to find
     out = harness.run(repo, "run", "-t", TAG, "-n", "1", MARK=mark)
     assert out.returncode == 0, out.stdout + out.stderr
     assert [r["status"] for r in ledger_rows(repo)] == ["lost", "keep"]
+    assert daemons(mark) == []  # sandbox "user": killed by its slot's uid on resume
 
 
 STOP_THE_HARNESS = """\
@@ -517,7 +545,11 @@ def test_the_private_tmp_has_a_size(harness: Harness):
     repo = harness.repo(FILL_TMP, "tmp_size_mb = 8\n")
     out = harness.run(repo, "run", "-t", TAG, "-n", "1")
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "TMP full 28" in log_of(ledger_rows(repo)[0])  # ENOSPC in the box, not the harness
+    log = log_of(ledger_rows(repo)[0])
+    if harness.sandbox == "user":  # no private /tmp without namespaces: it has $TMPDIR
+        assert "TMP full 13" in log, log  # EACCES: /tmp is not among its paths
+    else:
+        assert "TMP full 28" in log, log  # ENOSPC in the box, not on the harness's disk
 
 
 FORK_BOMB = """\
@@ -551,3 +583,30 @@ def test_a_run_has_a_process_limit(harness: Harness):
         assert int(log.split("FORKS bounded at ")[1].split()[0]) < 64
     else:  # no cgroup to delegate to an unprivileged harness: `doctor` says so
         assert "FORKS" in log
+
+
+def test_auto_takes_the_best_the_machine_allows_or_refuses(default_harness: Harness):
+    """Where namespaces are forbidden (bwrap fails as in Docker): root gets sandbox "user";
+    anyone else is refused with a message that says how to fix it or opt out."""
+    harness = default_harness
+    fake = harness.base / "bwrap"
+    fake.write_text("#!/bin/sh\n[ \"$1\" = --version ] && { echo bubblewrap 0.8.0; exit 0; }\n"
+                    "echo 'bwrap: No permissions to create new namespace' >&2; exit 1\n")
+    fake.chmod(0o755)
+    repo = harness.repo(SANDBOX_FROM_INSIDE, 'allow_env = ["PROBE_PORT"]\n')
+    out = harness.run(repo, "run", "-t", TAG, "-n", "1", OVERNIGHT_BWRAP=str(fake),
+                      PROBE_PORT="9")
+    doctor = harness.run(repo, "doctor", OVERNIGHT_BWRAP=str(fake))
+    if harness.user == "root":
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "isolation user" in out.stdout
+        assert "CAPS 0000000000000000" in log_of(ledger_rows(repo)[0])
+        assert doctor.returncode == 1 and 'partial, by sandbox "user"' in doctor.stdout
+    else:
+        assert out.returncode == 2, out.stdout + out.stderr
+        assert "no isolation is possible here" in out.stderr
+        assert 'sandbox = "none"' in out.stderr and "overnight doctor" in out.stderr
+        assert doctor.returncode == 2 and "none possible" in doctor.stdout
+        forced = harness.repo(SANDBOX_FROM_INSIDE, 'sandbox = "user"\n')
+        out = harness.run(forced, "run", "-t", TAG, "-n", "1")
+        assert out.returncode == 2 and "needs the harness to run as root" in out.stderr

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+from pathlib import Path
+
 from rich.console import Console
 
 from overnight import sandbox
@@ -11,6 +15,21 @@ from overnight.proposers import make_proposer
 from overnight.report import ConsoleReporter
 from overnight.scheduler import Loop, Outcome
 from overnight.workspace import Workspace, check_tag, default_tag
+
+USER_RUNS = "/var/tmp"  # sandbox "user": run directories outside the repository
+
+
+def runs_root(ws: Workspace, box: str) -> Path:
+    """Where run directories go: `.overnight/runs`, or, when runs are another uid's (sandbox
+    "user"), a directory outside the repository that uid can reach and nothing else of ours
+    is in ($OVERNIGHT_USER_RUNS, default /var/tmp)."""
+    if box != "user":
+        return ws.state / "runs"
+    key = hashlib.sha256(str(ws.repo.root).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("OVERNIGHT_USER_RUNS") or USER_RUNS) / f"overnight-runs-{key}"
+    root.mkdir(mode=0o711, parents=True, exist_ok=True)
+    root.chmod(0o711)
+    return root
 
 
 def run_loop(ws: Workspace, console: Console, tag: str | None = None,
@@ -26,7 +45,7 @@ def run_loop(ws: Workspace, console: Console, tag: str | None = None,
         run = run.model_copy(update={"parallel": parallel})
     spec = spec.model_copy(update={"run": run})
     ws.preflight()
-    cgroups.sweep()  # what a harness killed with -9 left behind
+    leftovers = cgroups.sweep()  # what a harness killed with -9 left behind
     slots, gpus = resolve_slots(run.parallel)
     ledger = ws.ledger()
     try:
@@ -42,12 +61,18 @@ def run_loop(ws: Workspace, console: Console, tag: str | None = None,
             console.print('[bold yellow]warning:[/] sandbox = "none": experiments run '
                           "unboxed and can read and change everything overnight can (the "
                           "ledger, .git, your secrets); tampering is detected, not prevented")
+        if leftovers:
+            console.print(f"killed {leftovers} orphaned process(es) a stopped `overnight run` "
+                          "left behind")
         reporter = ConsoleReporter(console, ledger, spec.objective, tag, max_experiments)
+        runs = runs_root(ws, box)
+        # A coding agent's checkouts, like runs, must be where its uid can reach them.
+        scratch = ws.state / "scratch" if box != "user" else runs.with_name(runs.name + "-agents")
         loop = Loop(ws.repo, spec, ledger, executor, tag,
                     proposer_factory=lambda files: make_proposer(
-                        spec, files, ws.repo, ws.state / "scratch"),
+                        spec, files, ws.repo, scratch),
                     max_experiments=max_experiments, reporter=reporter,
-                    runs_root=ws.state / "runs", accept_spec_change=accept_spec_change)
+                    runs_root=runs, accept_spec_change=accept_spec_change)
         try:
             with reporter:
                 return loop.run()

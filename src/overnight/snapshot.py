@@ -163,11 +163,11 @@ class Repo:
     def open(cls, path: Path) -> Repo:
         path = Path(path)
         if not path.exists():
-            raise ConfigError(f"{path}: no such directory (--repo names the repository to "
-                              "work in)")
+            raise ConfigError(f"--repo {path} does not exist: pass the directory of your "
+                              "repository")
         if not path.is_dir():
-            raise ConfigError(f"{path} is not a directory: pass the repository's folder with "
-                              "--repo")
+            raise ConfigError(f"--repo {path} is a file: pass the directory of your repository"
+                              f" (e.g. --repo {path.parent})")
         argv, env = git_command(path, "rev-parse", "--show-toplevel")
         if shutil.which(argv[0], path=env.get("PATH")) is None:
             raise ConfigError("git is not installed: install git and try again")

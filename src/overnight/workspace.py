@@ -25,7 +25,7 @@ class Workspace:
 
     @classmethod
     def open(cls, path: Path) -> Workspace:
-        repo = Repo.open(repo_dir(path))
+        repo = Repo.open(path)
         return cls(repo, load_spec(repo.root))
 
     @property
@@ -67,16 +67,6 @@ class Workspace:
             raise OvernightError(f"overnight run records every experiment in "
                                  f"{self.state / LEDGER_FILE}, which cannot be written: {why}")
         self.repo.exclude(f"/{STATE_DIR}/")
-
-
-def repo_dir(path: Path) -> Path:
-    """`path` if it is a directory: --repo names the repository's directory."""
-    if not path.exists():
-        raise ConfigError(f"--repo {path} does not exist: pass the directory of your repository")
-    if not path.is_dir():
-        raise ConfigError(f"--repo {path} is a file: pass the directory of your repository"
-                          f" (e.g. --repo {path.parent})")
-    return path
 
 
 def check_tag(tag: str) -> str:
@@ -154,7 +144,7 @@ def guess_direction(metric: str) -> str | None:
 
 def write_init(root: Path, command: str | None, metric: str | None, direction: str | None,
                editable: list[str], protected: list[str], force: bool) -> tuple[Path, Spec]:
-    repo = Repo.open(repo_dir(root))
+    repo = Repo.open(root)
     repo.head()
     spec_path = repo.root / SPEC_FILE
     if spec_path.exists() and not force:

@@ -94,15 +94,23 @@ class PidsLimit:
 
 
 def sweep() -> int:
-    """Remove the empty cgroups of harnesses that died (kill -9); how many."""
+    """Kill what a harness that died (kill -9) left running in its runs' cgroups, and
+    remove them; how many processes were killed."""
     root = pids_root()
     if root is None:
         return 0
-    gone = 0
+    killed = 0
     for path in root.glob("overnight-*-*"):
         pid = path.name.split("-")[1]
         if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            with contextlib.suppress(OSError, ValueError):
+                left = [int(p) for p in (path / "cgroup.procs").read_text().split()]
+                for p in left:
+                    with contextlib.suppress(OSError):
+                        os.kill(p, 9)
+                        killed += 1
+                psutil.wait_procs([psutil.Process(p) for p in left if psutil.pid_exists(p)],
+                                  timeout=5)
             with contextlib.suppress(OSError):
                 path.rmdir()
-                gone += 1
-    return gone
+    return killed

@@ -23,7 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from overnight import sandbox
+from overnight import _confine, sandbox
+from overnight._confine import uids
 from overnight.errors import OvernightError
 from overnight.executors import cgroups, process
 from overnight.executors.base import CheckResult, RunRequest, RunResult
@@ -51,6 +52,7 @@ class Launch:
     network: bool = False
     tmp_bytes: int = 4 << 30
     max_processes: int = 4096
+    slot: int = 0  # the slot's own uid, for sandbox "user"
     listeners: list[Callable[[bytes], None]] = field(default_factory=list)
 
     @classmethod
@@ -61,7 +63,8 @@ class Launch:
                    readable=list(req.readable), hidden=list(req.hidden),
                    readonly_files=[f.path for f in tree.files if f.mode != SYMLINK],
                    devices=sandbox.gpu_devices(tuple(req.devices)), network=req.network,
-                   tmp_bytes=req.tmp_bytes, max_processes=req.max_processes, **more)
+                   tmp_bytes=req.tmp_bytes, max_processes=req.max_processes, slot=req.slot,
+                   **more)
 
 
 def run(req: RunRequest, cancel: threading.Event, hardware: str = "",
@@ -94,6 +97,8 @@ def _run(req: RunRequest, cancel: threading.Event, hardware: str, gpu: str | Non
     launch = Launch.of(req, req.command, req.workdir, req.log_path, req.timeout_seconds,
                        req.tree, writable=[req.artifacts, req.attest_path.parent],
                        listeners=listeners)
+    if mode == "user":
+        share_tree(req.workdir, launch.readonly_files)
     guard = RunGuard(req.tree, req.workdir)
     ran = None
     with guard:
@@ -150,7 +155,8 @@ def _fresh(run_dir: Path) -> None:
     if run_dir.exists() or run_dir.is_symlink():
         shutil.rmtree(run_dir) if run_dir.is_dir() and not run_dir.is_symlink() \
             else run_dir.unlink()
-    run_dir.mkdir(parents=True, mode=0o700)
+    run_dir.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
+    run_dir.mkdir(mode=0o700)
 
 
 def _scratch(run_dir: Path, prefix: str, tree: Tree) -> Path:
@@ -192,6 +198,7 @@ def spawn(mode: str, launch: Launch, env: dict[str, str], cancel: threading.Even
     fds: tuple[int, ...] = ()
     memfd = None
     term_leader = True
+    extra_kill: Callable[[int], None] | None = None
     try:
         if mode == "bwrap":
             bw = sandbox.probe().bwrap
@@ -212,15 +219,70 @@ def spawn(mode: str, launch: Launch, env: dict[str, str], cancel: threading.Even
                 argv = [bw.path, *args, "--", *argv]
             term_leader = False  # TERM the experiment; bwrap's death would KILL it
         elif mode == "user":
-            raise OvernightError('sandbox "user" is not available in this build yet')
+            argv, env, extra_kill = user_box(launch, env, argv)
         with cgroups.PidsLimit(launch.max_processes) as limit:
             return process.spawn(limit.wrap(argv), launch.cwd, env, sink, launch.timeout,
                                  launch.grace, cancel, token=token, pass_fds=fds,
-                                 term_leader=term_leader)
+                                 term_leader=term_leader, extra_kill=extra_kill)
     finally:
         sink.close()
         if memfd is not None:
             os.close(memfd)
+
+
+def user_box(launch: Launch, env: dict[str, str], argv: list[str]
+             ) -> tuple[list[str], dict[str, str], Callable[[int], None]]:
+    """Sandbox "user": the slot's own unprivileged uid, confined by Landlock where the kernel
+    has it. Committed files stay root's and read-only, in sticky directories the run may add
+    files to; its home and temporary directory are its own. Everything of the uid is killed
+    at the end, whatever session or environment it gave itself."""
+    uid, gid = uids.slot_ids(launch.slot)
+    uids.kill_uid(uid)  # whatever a dead harness left running as this slot
+    scratch = launch.log.parent / f".{launch.cwd.name}-user"
+    home, tmp = scratch / "home", scratch / "tmp"
+    for d in (home, tmp):
+        d.mkdir(parents=True, exist_ok=True)
+    launch.log.parent.chmod(0o711)  # the run's directory: traversable, not listable
+    scratch.chmod(0o711)
+    share_tree(launch.cwd, launch.readonly_files, None if launch.readonly_files else uid)
+    for d in (*launch.writable, home, tmp):
+        os.chown(d, uid, gid)
+        os.chmod(d, 0o700)
+    env = {**env, "HOME": str(home), "TMPDIR": str(tmp), "USER": f"overnight{launch.slot}"}
+    abi = sandbox.landlock_abi()
+    landlock = None
+    if abi:
+        readable = [*_confine.system_read_paths(), *map(str, sandbox.interpreter_paths()),
+                    *map(str, launch.readable)]
+        writable = [str(launch.cwd), *map(str, launch.writable), str(home), str(tmp),
+                    *_confine.device_write_paths(), *launch.devices, "/dev/shm"]
+        landlock = {"read": sorted({p for p in readable if os.path.exists(p)}),
+                    "write": sorted({p for p in writable if os.path.exists(p)})}
+    config = {"uid": uid, "gid": gid, "umask": 0o022, "cwd": str(launch.cwd),
+              "rlimits": {"RLIMIT_CORE": 0}, "landlock": landlock}
+    return _confine.argv(config, argv), env, lambda sig: uids.kill_uid(uid, sig)
+
+
+def share_tree(root: Path, committed: list[str], owner: int | None = None) -> None:
+    """Ready a tree for a run as another uid: committed files stay root's and read-only in
+    sticky directories the run may add files to; or, with `owner`, everything is its own (a
+    coding agent edits its checkout). Done before the integrity watch starts: a change of
+    mode is not the run's doing. Idempotent."""
+    if owner is None and os.stat(root).st_mode & 0o7777 == 0o1777:
+        return
+    keep = set(committed)
+    for top, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(top, d))]
+        if owner is not None:
+            for name in [*dirs, *files]:
+                os.lchown(os.path.join(top, name), owner, owner)
+            os.chown(top, owner, owner)
+            continue
+        os.chmod(top, 0o1777)
+        for name in files:
+            path = os.path.join(top, name)
+            if os.path.relpath(path, root) in keep and not os.path.islink(path):
+                os.chmod(path, 0o555 if os.lstat(path).st_mode & 0o100 else 0o444)
 
 
 def _result(req: RunRequest, ran: process.Exit, metrics: Metrics, hardware: str) -> RunResult:

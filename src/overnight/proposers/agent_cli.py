@@ -15,6 +15,7 @@ it exits, so nothing it started outlives the proposal. Its output goes to
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shlex
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 
 ARG_MAX_BYTES = 120_000  # Linux refuses one argv string over 128 KiB (MAX_ARG_STRLEN)
 MAX_NOTES = 20  # discarded paths named one by one; beyond that, a count
+AGENT_SLOTS = range(520, 584)  # sandbox "user": the slot uids agents run as, apart from runs
 TAIL_CHARS = 800  # of the agent's output, in the notes of a failed proposal
 
 
@@ -84,6 +86,7 @@ class AgentProposer(Proposer):
         self.scratch_root = scratch_root
         self.isolation = resolve(spec.run.sandbox)
         self._swept = False
+        self._agents = itertools.count()  # agents at once get uids of their own (sandbox user)
 
     def propose(self, ctx: Context) -> Proposal:
         self.scratch_root.mkdir(parents=True, exist_ok=True)
@@ -135,7 +138,8 @@ class AgentProposer(Proposer):
         env.update(GIT_CEILING_DIRECTORIES=str(tree.parent.resolve()), CUDA_VISIBLE_DEVICES="")
         launch = Launch(command, tree, log_path, self.cfg.timeout_seconds, self.kill_grace,
                         readable=[prompt_file, *map(Path, self.cfg.readable)],
-                        hidden=[self.repo.root, self.scratch_root], network=True)
+                        hidden=[self.repo.root, self.scratch_root], network=True,
+                        slot=AGENT_SLOTS[0] + next(self._agents) % len(AGENT_SLOTS))
         ran = spawn(self.isolation, launch, env, threading.Event(), f"agent-{tree.name}")
         output = tail(log_path, 10_000)
         returncode = None if ran.timed_out else ran.returncode
