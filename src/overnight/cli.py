@@ -160,7 +160,7 @@ def run(
     Ctrl-C kills running experiments and records them; running the same command
     again resumes the tag, redoing lost work and never counting anything twice.
     """
-    from overnight.runner import run_loop
+    from overnight.session import run_loop
     from overnight.workspace import Workspace
 
     ws = Workspace.open(repo)
@@ -331,7 +331,7 @@ def demo(
     No API key, no GPU and no network needed. Running it again resumes in the same directory.
     """
     from overnight import demo as demo_mod
-    from overnight.runner import run_loop
+    from overnight.session import run_loop
     from overnight.workspace import Workspace
 
     created = demo_mod.create(directory)

@@ -1,4 +1,7 @@
-"""Wiring for one `overnight run`: spec overrides, executor, proposer, reporter, loop."""
+"""One `overnight run` session: spec overrides, the box, executor, proposer, reporter, loop.
+
+(The runner, which runs one candidate, is `executors/runner.py`.)
+"""
 
 from __future__ import annotations
 

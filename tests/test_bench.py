@@ -1,0 +1,29 @@
+"""Smoke tests of the benchmarks: each runs with a tiny size, so a refactor cannot break them
+silently. Their figures are read by people (bench/README.md), not asserted here."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def bench(*args: str) -> str:
+    out = subprocess.run([sys.executable, *args], cwd=BENCH.parent, capture_output=True,
+                         text=True, timeout=600, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+def test_overhead_compares_boxed_unboxed_and_the_shell_loop():
+    text = bench(str(BENCH / "overhead.py"), "--n", "3", "--parallel", "1")
+    for row in ("shell loop p1", "overnight p1 ", "overnight p1 none"):
+        assert row in text, text
+    assert "isolation costs" in text and "target (overnight p1)" in text
+
+
+def test_attest_measures_the_attestation():
+    text = bench(str(BENCH / "attest.py"), "--rounds", "1", "--steps", "5")
+    assert "attested vs plain" in text, text
