@@ -311,6 +311,7 @@ class Ledger:
                 raise
             raise open_error(path, e) from None
         self.db = db
+        self._replay: _Replay | None = None  # the journal as last verified
         self._head_fd: int | None = None  # the head file, also the writers' lock
         if head is not None:
             head.parent.mkdir(parents=True, exist_ok=True)
@@ -513,8 +514,51 @@ class Ledger:
                     tables[table] = ([d[0] for d in cur.description], cur.fetchall())
             finally:
                 cur.execute("COMMIT")
-        problem = _verify(entries, tables, head, self.head)
+        replay = _Replay()
+        problem = replay.feed(entries) or _head_check(replay, head, self.head, entries) \
+            or replay.compare(tables)
         if problem:
+            raise IntegrityHalt(self._tampered_message(problem))
+        self._replay = replay
+
+    def verify_rows(self, ids: list[int]) -> None:
+        """The cheap check before a judgment: the journal since the last check (its chain and
+        the head), and the experiments it reads (`ids`) and that were written since, against
+        the replay. Costs what changed, not the ledger's size; `verify()` checks everything
+        (at start, at exit, and in `overnight status`)."""
+        replay = self._replay
+        if replay is None:
+            self.verify()
+            return
+        with self._head_lock(fcntl.LOCK_SH):
+            cur = self.db.cursor()
+            cur.row_factory = None
+            cur.execute("BEGIN")
+            try:
+                head = self._read_head()
+                anchor = cur.execute("SELECT hash FROM journal WHERE seq = ?",
+                                     (replay.seq,)).fetchone()
+                entries = cur.execute(
+                    "SELECT seq, ts, op, payload, prev, hash FROM journal WHERE seq > ? "
+                    "ORDER BY seq", (replay.seq,)).fetchall()
+                touched = set(ids)
+                problem = None
+                if replay.seq and (anchor is None or anchor[0] != replay.prev):
+                    problem = (f"journal entry #{replay.seq} changed since it was verified: "
+                               "the journal was rewritten")
+                else:
+                    problem = replay.feed(entries, touched)
+                if problem is None:
+                    marks = ", ".join("?" for _ in touched) or "NULL"
+                    cur.execute(f"SELECT * FROM experiments WHERE id IN ({marks})",
+                                tuple(touched))
+                    cols = [d[0] for d in cur.description]
+                    problem = replay.compare_some("experiments", cols, cur.fetchall(), touched)
+            finally:
+                cur.execute("COMMIT")
+        problem = problem or _head_check(replay, head, self.head, entries)
+        if problem:
+            self._replay = None
             raise IntegrityHalt(self._tampered_message(problem))
 
     def _tampered_message(self, problem: str) -> str:
@@ -614,56 +658,77 @@ def _same(a: object, b: object) -> bool:
                       and math.isnan(a) and math.isnan(b))
 
 
-def _verify(entries: list[tuple], tables: dict[str, tuple[list[str], list[tuple]]],
-            head: tuple[int, str] | None, where: Path | None) -> str | None:
-    """The first disagreement between the journal, its chain, the head and the tables."""
-    state: dict[str, dict[int, dict]] = {"experiments": {}, "notes": {}, "events": {}}
-    written_by: dict[tuple[str, int], int] = {}  # (table, id) -> last journal entry
-    exp = state["experiments"]
-    prev = GENESIS
-    for expected, (seq, ts, op, payload, prev_col, digest) in enumerate(entries, 1):
-        if seq != expected:
-            return f"journal entry #{expected} is missing (the next one is #{seq})"
-        if prev_col != prev:
-            return (f"journal entry #{seq} ({op}) does not follow entry #{seq - 1}: an entry "
-                    "was edited, inserted or removed")
-        if _entry_hash(prev, seq, ts, op, payload) != digest:
-            return f"journal entry #{seq} ({op}) was edited: its hash does not match it"
-        prev = digest
-        data = _decode(payload)
-        if op == "insert":
-            exp[data["id"]] = data["row"]
-            written_by["experiments", data["id"]] = seq
-        elif op == "update":
-            exp.setdefault(data["id"], {}).update(data["set"])
-            written_by["experiments", data["id"]] = seq
-        elif op == "mark_lost":
-            for rid in data["ids"]:
-                exp.setdefault(rid, {}).update(data["set"])
-                written_by["experiments", rid] = seq
-        elif op in ("event", "note"):
-            table = "events" if op == "event" else "notes"
-            state[table][data["row"]["id"]] = data["row"]
-            written_by[table, data["row"]["id"]] = seq
-        elif op == "adopt":
-            for table, rows in data.items():
-                for row in rows:
-                    state[table][row["id"]] = row
-                    written_by[table, row["id"]] = seq
-        else:
-            return f"journal entry #{seq} has an unknown operation {op!r}"
-    if where is not None:
-        hashes = {e[0]: e[5] for e in entries[-2:]}
-        problem = _head_problem(head, len(entries), hashes.get, where)
-        if problem:
-            return problem
-    for table, (cols, rows) in tables.items():
-        want = state[table]
+class _Replay:
+    """The tables as the journal says they are, replayed entry by entry (and resumable)."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, dict[int, dict]] = {"experiments": {}, "notes": {}, "events": {}}
+        self.written_by: dict[tuple[str, int], int] = {}  # (table, id) -> last journal entry
+        self.seq = 0
+        self.prev = GENESIS
+
+    def feed(self, entries: list[tuple], touched: set[int] | None = None) -> str | None:
+        """Replay `entries` (the next ones after `seq`); the ids of experiments they write
+        go into `touched`. The first problem of the chain, or None."""
+        exp = self.state["experiments"]
+        for seq, ts, op, payload, prev_col, digest in entries:
+            if seq != self.seq + 1:
+                return f"journal entry #{self.seq + 1} is missing (the next one is #{seq})"
+            if prev_col != self.prev:
+                return (f"journal entry #{seq} ({op}) does not follow entry #{seq - 1}: an "
+                        "entry was edited, inserted or removed")
+            if _entry_hash(self.prev, seq, ts, op, payload) != digest:
+                return f"journal entry #{seq} ({op}) was edited: its hash does not match it"
+            self.seq, self.prev = seq, digest
+            data = _decode(payload)
+            ids: list[int] = []
+            if op == "insert":
+                exp[data["id"]] = data["row"]
+                ids = [data["id"]]
+            elif op == "update":
+                exp.setdefault(data["id"], {}).update(data["set"])
+                ids = [data["id"]]
+            elif op == "mark_lost":
+                for rid in data["ids"]:
+                    exp.setdefault(rid, {}).update(data["set"])
+                ids = list(data["ids"])
+            elif op in ("event", "note"):
+                table = "events" if op == "event" else "notes"
+                self.state[table][data["row"]["id"]] = data["row"]
+                self.written_by[table, data["row"]["id"]] = seq
+            elif op == "adopt":
+                for table, rows in data.items():
+                    for row in rows:
+                        self.state[table][row["id"]] = row
+                        self.written_by[table, row["id"]] = seq
+            else:
+                return f"journal entry #{seq} has an unknown operation {op!r}"
+            for rid in ids:
+                self.written_by["experiments", rid] = seq
+            if touched is not None:
+                touched.update(ids)
+        return None
+
+    def compare(self, tables: dict[str, tuple[list[str], list[tuple]]]) -> str | None:
+        """Every row of every table against the replay."""
+        for table, (cols, rows) in tables.items():
+            problem = self.compare_some(table, cols, rows, None)
+            if problem:
+                return problem
+        return None
+
+    def compare_some(self, table: str, cols: list[str], rows: list[tuple],
+                     ids: set[int] | None) -> str | None:
+        """`rows` against the replay; with `ids`, only those rows were read (a missing one
+        was deleted); without, they are the whole table."""
+        want = self.state[table]
         noun = {"experiments": "experiment", "notes": "note", "events": "event"}[table]
         as_row = operator.itemgetter(*cols)
+        seen = set()
         for row in rows:
             rid = row[0]
-            replayed = want.pop(rid, None)
+            seen.add(rid)
+            replayed = want.get(rid)
             if replayed is None:
                 return f"{noun} #{rid} was added outside overnight (the journal never wrote it)"
             if len(replayed) == len(cols) and as_row(replayed) == row:
@@ -672,11 +737,22 @@ def _verify(entries: list[tuple], tables: dict[str, tuple[list[str], list[tuple]
                 # A column added after the row was journaled is not compared.
                 if col in replayed and not _same(replayed[col], row[i]):
                     return (f"{noun} #{rid}: {col} is {row[i]!r} but journal entry "
-                            f"#{written_by[table, rid]} wrote {replayed[col]!r}")
-        if want:
-            rid = min(want)
-            return f"{noun} #{rid} was deleted (journal entry #{written_by[table, rid]} wrote it)"
-    return None
+                            f"#{self.written_by[table, rid]} wrote {replayed[col]!r}")
+        missing = sorted((set(want) if ids is None else {i for i in ids if i in want}) - seen)
+        if missing:
+            rid = missing[0]
+            return (f"{noun} #{rid} was deleted (journal entry "
+                    f"#{self.written_by[table, rid]} wrote it)")
+        return None
+
+
+def _head_check(replay: _Replay, head: tuple[int, str] | None, where: Path | None,
+                entries: list[tuple]) -> str | None:
+    if where is None:
+        return None
+    hashes = {e[0]: e[5] for e in entries[-2:]}
+    hashes.setdefault(replay.seq, replay.prev)
+    return _head_problem(head, replay.seq, hashes.get, where)
 
 
 # -- exports ------------------------------------------------------------------

@@ -43,11 +43,13 @@ SECRET_PATTERNS = (
 )
 
 
+@functools.lru_cache(maxsize=4096)
 def is_secret(name: str) -> bool:
     upper = name.upper()
     return any(fnmatch.fnmatchcase(upper, p) for p in SECRET_PATTERNS)
 
 
+@functools.lru_cache(maxsize=4096)
 def passes(name: str) -> bool:
     """Does the harness's variable `name` reach experiments without being named?"""
     if is_secret(name):
@@ -305,9 +307,11 @@ def bwrap_args(bw: Bwrap, box: Box) -> list[str]:
     size = ["--size", str(box.tmp_bytes)] if bw.has_size else []
     args += [*size, "--tmpfs", "/tmp", *size, "--tmpfs", "/dev/shm"]
     home = os.path.expanduser("~")
+    covered = ["/tmp", "/dev/shm"]
     for d in dict.fromkeys([*_SECRET_DIRS, home, *map(str, box.hidden)]):
         if os.path.isdir(d) and not os.path.islink(d) and d != "/":
             args += [*size, "--tmpfs", d]
+            covered.append(os.path.realpath(d))
     for f in _SECRET_FILES:
         if os.path.isfile(f):
             args += ["--ro-bind", "/dev/null", f]
@@ -316,9 +320,14 @@ def bwrap_args(bw: Bwrap, box: Box) -> list[str]:
     readable = list(box.readable)
     if box.network:
         readable.append(Path("/run/systemd/resolve"))  # where /etc/resolv.conf may point
-    for p in dict.fromkeys(os.path.realpath(p) for p in readable):
-        if os.path.exists(p):
-            args += ["--ro-bind", p, p]
+    # Only what a tmpfs above hid needs binding back, and a path once, not also its parts.
+    wanted = sorted({os.path.realpath(p) for p in readable})
+    bound: list[str] = []
+    for p in wanted:
+        if not _under_any(p, covered) or _under_any(p, bound) or not os.path.exists(p):
+            continue
+        bound.append(p)
+        args += ["--ro-bind", p, p]
     work = os.path.realpath(box.workdir)
     for p in [work, *(os.path.realpath(w) for w in box.writable)]:
         args += ["--bind", p, p]
@@ -335,6 +344,10 @@ def bwrap_args(bw: Bwrap, box: Box) -> list[str]:
             p = os.path.join(work, rel)
             args += ["--ro-bind", p, p]
     return args + ["--chdir", work]
+
+
+def _under_any(path: str, roots: list[str]) -> bool:
+    return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
 
 
 def _parents(rel: str) -> list[str]:

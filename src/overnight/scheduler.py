@@ -456,8 +456,8 @@ class Loop:
 
     def _record(self, job: _Job, result: RunResult) -> None:
         """Judge a finished run; a would-be keep goes through the checks gate first."""
-        self.ledger.verify()  # judged against an incumbent nobody rewrote
         row = job.row
+        self._verify_before_judging(row)
         if result.status == "error":
             self._finish(row, result, judge.Decision("lost", None, None, result.reason), None)
             raise OvernightError(f"experiment #{row.id} could not be run: {result.reason}")
@@ -474,14 +474,20 @@ class Loop:
         self._finish(row, result, decision, inc)
 
     def _checked(self, job: _Job, check: CheckResult) -> None:
-        self.ledger.verify()
         row, result = job.row, job.result
+        self._verify_before_judging(row)
         if not check.ok:
             decision = judge.Decision("checks_failed", None, None, check.reason)
             self._finish(row, result, decision, None)
             return
         # Judge again: the incumbent may have moved while the checks ran.
         self._finish(row, result, *self._judge(row, result))
+
+    def _verify_before_judging(self, row: Row) -> None:
+        """Judged against an incumbent nobody rewrote: the rows the judgment reads and what
+        was written since the last check (the whole ledger is checked at start and exit)."""
+        inc = self._incumbent()
+        self.ledger.verify_rows([row.id] + ([inc.id] if inc else []))
 
     def _judge(self, row: Row, result: RunResult) -> tuple[judge.Decision, Row | None]:
         """The decision against the current incumbent (none for the baseline)."""

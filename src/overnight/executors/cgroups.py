@@ -82,35 +82,44 @@ class PidsLimit:
     def __exit__(self, *exc: object) -> None:
         if self.path is None:
             return
-        with contextlib.suppress(OSError, ValueError):
-            left = [int(p) for p in (self.path / "cgroup.procs").read_text().split()]
-            for pid in left:  # the run was killed: these are on their way out
-                with contextlib.suppress(OSError):
-                    os.kill(pid, 9)
-            psutil.wait_procs([psutil.Process(p) for p in left if psutil.pid_exists(p)],
-                              timeout=5)
+        _kill_members(self.path)
+        # Killed processes stay members until reaped, which a slow init may take seconds to
+        # do: a cgroup still busy is removed by sweep() when the executor shuts down.
         with contextlib.suppress(OSError):
             self.path.rmdir()
 
 
-def sweep() -> int:
-    """Kill what a harness that died (kill -9) left running in its runs' cgroups, and
-    remove them; how many processes were killed."""
+def _kill_members(path: Path) -> int:
+    """SIGKILL every live process of a cgroup; how many were alive. Not waited for: a killed
+    process is a zombie until a (possibly slow) init reaps it, and a zombie is harmless."""
+    try:
+        pids = [int(p) for p in (path / "cgroup.procs").read_text().split()]
+    except (OSError, ValueError):
+        return 0
+    live = 0
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(pid)
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                proc.kill()
+                live += 1
+    return live
+
+
+def sweep(mine: bool = False) -> int:
+    """Kill what a harness that died (kill -9) left running in its runs' cgroups, and remove
+    them; with `mine`, this process's own too (once its runs are over). How many processes
+    were killed."""
     root = pids_root()
     if root is None:
         return 0
     killed = 0
     for path in root.glob("overnight-*-*"):
         pid = path.name.split("-")[1]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            with contextlib.suppress(OSError, ValueError):
-                left = [int(p) for p in (path / "cgroup.procs").read_text().split()]
-                for p in left:
-                    with contextlib.suppress(OSError):
-                        os.kill(p, 9)
-                        killed += 1
-                psutil.wait_procs([psutil.Process(p) for p in left if psutil.pid_exists(p)],
-                                  timeout=5)
+        if not pid.isdigit():
+            continue
+        if int(pid) == os.getpid() and mine or not Path(f"/proc/{pid}").exists():
+            killed += _kill_members(path)
             with contextlib.suppress(OSError):
                 path.rmdir()
     return killed

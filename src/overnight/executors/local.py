@@ -15,7 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from overnight.errors import ConfigError
-from overnight.executors import process, runner
+from overnight.executors import cgroups, process, runner
 from overnight.executors.base import CheckResult, Executor, RunRequest, RunResult
 
 
@@ -123,3 +123,4 @@ class LocalExecutor(Executor):
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True)
+        cgroups.sweep(mine=True)  # run cgroups whose killed processes were not yet reaped
