@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -43,6 +44,11 @@ def list_knobs(source: str, path: str) -> list[Knob]:
             continue
         knobs.append(Knob(name=name, value=value, kind=kind, path=path, line=stmt.lineno))
     return knobs
+
+
+def python_files(files: Mapping[str, str]) -> dict[str, str]:
+    """The files that can hold knobs: Python sources (a config.yaml beside them is text)."""
+    return {p: t for p, t in files.items() if p.endswith(".py")}
 
 
 def read_knobs(files: dict[str, str]) -> dict[str, Knob]:

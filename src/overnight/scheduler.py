@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from overnight import judge, regions
+from overnight import admission, judge
 from overnight.errors import ConfigError, IntegrityHalt, OvernightError
 from overnight.executors.base import CheckResult, Executor, RunRequest, RunResult
-from overnight.knobs import read_knobs
 from overnight.ledger import Ledger, Row
 from overnight.metrics import tail
 from overnight.proposers.base import Context, Experiment, Proposal, Proposer, fingerprint
+from overnight.proposers.edits import knob_values
 from overnight.sandbox import redact, venv_paths
 from overnight.snapshot import Repo, branch_ref, candidate_ref
 from overnight.spec import Spec
@@ -394,37 +394,9 @@ class Loop:
         known = {r.commit_sha for r in self._rows.values() if r.status == "keep"}
         if p.parent not in known:
             return f"stale parent {p.parent[:10]}: not an incumbent of tag {self.tag}"
-        base = self._files(p.parent)
-        files = self.spec.files
-        for path in p.edits:
-            if path in files.protected:
-                return f"edits {path}, which is protected"
-            if path not in files.editable:
-                return f"edits {path}, which is not in [files] editable"
-        changed = {path: text for path, text in p.edits.items() if base.get(path) != text}
-        if not changed:
-            return "changes nothing"
-        same = self._by_fingerprint().get(fingerprint({**base, **p.edits}))
-        if same is not None:
-            return f"duplicate of experiment #{same}: the same files were already tried"
-        for path, text in changed.items():
-            problem = regions.check_edit(path, base.get(path, ""), text)
-            if problem:
-                return problem
-        bounds = self.spec.search.bounds
-        if bounds:
-            try:
-                knobs = read_knobs({**base, **p.edits})
-                parent_knobs = read_knobs(base)
-            except OvernightError as e:
-                return f"cannot read knobs: {e}"
-            for name, (lo, hi) in bounds.items():
-                k = knobs.get(name)
-                before = parent_knobs.get(name)
-                unchanged = k is not None and before is not None and k.value == before.value
-                if k is not None and not lo <= k.value <= hi and not unchanged:
-                    return f"{name} = {k.value:g} is outside its bounds [{lo:g}, {hi:g}]"
-        return None
+        by_fingerprint = self._by_fingerprint()
+        return admission.problem(admission.Rules.of(self.spec), self._files(p.parent),
+                                 p.edits, by_fingerprint.get)
 
     # -- running and recording -------------------------------------------------------
 
@@ -704,10 +676,7 @@ class Loop:
         return self._files_cache[commit]
 
     def _knobs_of(self, commit: str) -> dict[str, float | int]:
-        try:
-            return {k: v.value for k, v in read_knobs(self._files(commit)).items()}
-        except OvernightError:
-            return {}
+        return knob_values(self._files(commit))
 
     def _baseline_failed(self, row: Row) -> str:
         log = tail(Path(row.log_path), 15) if row.log_path else ""

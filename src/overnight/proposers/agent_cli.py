@@ -26,6 +26,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from overnight import admission
 from overnight.errors import ConfigError
 from overnight.executors.runner import Launch, spawn
 from overnight.integrity import Manifest, verify
@@ -80,6 +81,7 @@ class AgentProposer(Proposer):
             raise ConfigError('the agent proposer needs an [agent] section in overnight.toml, '
                               'e.g. [agent] command = "claude -p {prompt}"')
         self.cfg = spec.agent
+        self.spec = spec
         self.protected = tuple(spec.files.protected)
         self.kill_grace = spec.run.kill_grace_seconds
         self.repo = repo
@@ -186,6 +188,9 @@ class AgentProposer(Proposer):
             same = find_duplicate(ctx, edits)
             which = f"experiment #{same.id}" if same is not None else "an earlier proposal"
             return rejected(f"duplicate of {which}")
+        why = admission.problem(admission.Rules.of(self.spec), ctx.files, edits)
+        if why:
+            return rejected(f"the agent's change {why}")
         if run.returncode != 0:
             notes.append(f"the agent exited with status {run.returncode}; its edits are used")
         return Proposal(

@@ -29,7 +29,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from overnight.errors import OvernightError
-from overnight.knobs import read_knobs
+from overnight.knobs import python_files, read_knobs
 from overnight.proposers.base import Context, Experiment, fingerprint, normalize
 from overnight.regions import check_edit
 
@@ -547,7 +547,7 @@ def knob_values(files: Mapping[str, str]) -> dict[str, float | int]:
     """Knob values of the Python files, or {} when they cannot be read (a syntax error, a
     knob defined twice): knobs describe a proposal, they never block it."""
     try:
-        knobs = read_knobs({p: t for p, t in files.items() if p.endswith(".py")})
+        knobs = read_knobs(python_files(files))
     except (OvernightError, ValueError, RecursionError):
         return {}
     return {name: k.value for name, k in knobs.items()}

@@ -34,6 +34,7 @@ from email.message import Message as Headers
 from pathlib import Path
 from typing import Any, Literal
 
+from overnight import admission
 from overnight.errors import ConfigError, OvernightError
 from overnight.proposers.base import Context, Proposal, Proposer, Usage
 from overnight.proposers.edits import (
@@ -277,6 +278,7 @@ class LLMProposer(Proposer):
                               '[llm] model = "gpt-4.1"')
         self.cfg = spec.llm
         self.protected = tuple(spec.files.protected)
+        self.rules = admission.Rules.of(spec)
         self.client = make_client(self.cfg, os.environ if environ is None else environ,
                                   sleep=sleep, backoff_base=backoff_base)
         self.trace_dir = trace_dir
@@ -331,6 +333,9 @@ class LLMProposer(Proposer):
         check_syntax(ctx.files, edits)
         if ctx.is_duplicate(edits):
             raise EditError(duplicate_message(ctx, edits))
+        why = admission.problem(self.rules, ctx.files, edits)  # what the loop will check
+        if why:
+            raise EditError(f"your edit {why}")
         description = " ".join(answer.description.split())[:200]
         return Proposal(
             parent=ctx.incumbent.commit,

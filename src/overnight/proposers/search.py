@@ -46,7 +46,7 @@ from itertools import product
 from typing import TYPE_CHECKING, Literal
 
 from overnight.errors import ConfigError
-from overnight.knobs import Knob, format_value, read_knobs, rewrite
+from overnight.knobs import Knob, format_value, python_files, read_knobs, rewrite
 from overnight.proposers.base import Context, Experiment, Proposal, Proposer
 from overnight.spec import Spec
 
@@ -139,7 +139,7 @@ class SearchProposer(Proposer):
     def __init__(self, spec: Spec, files: dict[str, str]) -> None:
         self.strategy = spec.search.strategy
         self.metric = spec.objective.metric
-        head = read_knobs(_python_files(files))
+        head = read_knobs(python_files(files))
         self.names = _searched_names(spec.search.knobs, head, files)
         self.ranges = _ranges(self.names, head, spec.search.bounds)
         self._rng = random.Random(spec.search.seed)  # seed None: fresh entropy
@@ -154,7 +154,7 @@ class SearchProposer(Proposer):
             optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     def propose(self, ctx: Context) -> Proposal | None:
-        current = read_knobs(_python_files(ctx.files))
+        current = read_knobs(python_files(ctx.files))
         center = self._incumbent_values(ctx, current)
         seen = self._seen(ctx, center, current)
         strategies: dict[str, Callable[[Context, Config, set[Key]], tuple[Config, str] | None]]
@@ -444,11 +444,6 @@ class SearchProposer(Proposer):
 
 
 # --- module helpers ------------------------------------------------------------------------
-
-
-def _python_files(files: dict[str, str]) -> dict[str, str]:
-    """Knobs live in Python files; other editable files (prompts, configs) have none."""
-    return {p: t for p, t in files.items() if p.endswith(".py")}
 
 
 def _searched_names(
