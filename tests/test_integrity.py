@@ -26,7 +26,6 @@ from overnight.integrity import (
     Watch,
     explain,
     explain_knob_mismatch,
-    read_blobs,
     verify,
     when_phrase,
 )
@@ -72,7 +71,7 @@ def run_dir(tmp_path: Path) -> tuple[Repo, str, Manifest, Path]:
         "train.py": STORY, "sub/d.txt": "data\n", "lib/util.py": "def f():\n    return 1\n"})
     work = tmp_path / "runs" / "1" / "work"
     repo.materialize(commit, work)
-    return repo, commit, Manifest.of_commit(repo, commit), work
+    return repo, commit, Manifest.of_tree(repo.tree(commit)), work
 
 
 def background(script: str) -> subprocess.Popen:
@@ -84,7 +83,7 @@ def build(work: Path, repo: Repo, commit: str, manifest: Manifest, watch: Watch 
           pre: list[Change] | None = None, exited_at: float | None = None) -> TamperReport:
     return TamperReport.build(work, manifest, pre=pre or [], post=verify(manifest, work),
                               watch=watch, exited_at=exited_at,
-                              committed=lambda paths: read_blobs(repo, commit, paths))
+                              committed=lambda paths: committed_bytes(repo, commit, paths))
 
 
 # --- manifests -------------------------------------------------------------------------------
@@ -98,7 +97,7 @@ def test_manifest_of_a_materialized_dir_equals_the_manifest_of_its_commit(tmp_pa
     work = tmp_path / "work"
     repo.materialize(commit, work)
 
-    from_git, from_disk = Manifest.of_commit(repo, commit), Manifest.of_dir(work)
+    from_git, from_disk = Manifest.of_tree(repo.tree(commit)), Manifest.of_dir(work)
 
     assert from_git == from_disk
     entries = from_git.entries
@@ -112,11 +111,16 @@ def test_manifest_of_a_materialized_dir_equals_the_manifest_of_its_commit(tmp_pa
     # Another commit differs exactly where its tree does.
     (repo.root / "train.py").write_text(LINTED)
     git(repo.root, "commit", "-qam", "lint")
-    other = Manifest.of_commit(repo, "HEAD")
+    other = Manifest.of_tree(repo.tree(repo.head()))
     assert {p for p in entries if entries[p] != other.entries[p]} == {"train.py"}
 
 
-def test_of_commit_streams_every_blob_through_one_git_process(tmp_path: Path,
+def committed_bytes(repo: Repo, commit: str, paths: list[str]) -> dict[str, bytes]:
+    tree = repo.tree(commit)
+    return {p: data for p in paths if (data := tree.read(p)) is not None}
+
+
+def test_a_tree_streams_every_blob_through_one_git_process(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch):
     files = {f"pkg{i % 4}/mod{i}.py": f"X{i} = {i}\n" + "# padding\n" * 2500 for i in range(40)}
     repo, commit = commit_tree(tmp_path / "repo", files)
@@ -136,7 +140,7 @@ def test_of_commit_streams_every_blob_through_one_git_process(tmp_path: Path,
     repo = Repo(repo.root)  # it takes its environment, PATH included, when it is made
 
     t0 = time.perf_counter()
-    manifest = Manifest.of_commit(repo, commit)
+    manifest = Manifest.of_tree(repo.tree(commit))
     elapsed = time.perf_counter() - t0
 
     # One listing per directory and one stream for every blob: not one process per file.
@@ -146,22 +150,22 @@ def test_of_commit_streams_every_blob_through_one_git_process(tmp_path: Path,
     assert len(manifest.entries) == 42
     assert manifest.entries["pkg3/mod7.py"].sha256 == hashlib.sha256(
         files["pkg3/mod7.py"].encode()).hexdigest()
-    assert elapsed < 2.0, f"of_commit took {elapsed:.2f}s for ~1 MB"
+    assert elapsed < 2.0, f"Repo.tree took {elapsed:.2f}s for ~1 MB"
 
     # A candidate that edits one file is then hashed without any git process at all.
     edited = "X7 = 70\n"
     candidate = repo.commit_candidate(commit, {"pkg3/mod7.py": edited}, "edit")
     log.write_text("")
-    after = Manifest.of_commit(repo, candidate)
+    after = Manifest.of_tree(repo.tree(candidate))
     assert log.read_text().split() == []
     assert after.entries["pkg3/mod7.py"].sha256 == hashlib.sha256(edited.encode()).hexdigest()
     assert after.entries["pkg1/mod5.py"] == manifest.entries["pkg1/mod5.py"]
-    assert Manifest.of_commit(Repo(repo.root), candidate) == after  # a cold cache agrees
+    assert Manifest.of_tree(Repo(repo.root).tree(candidate)) == after  # a cold cache agrees
 
 
-def test_read_blobs_gives_committed_bytes_in_one_call(run_dir):
+def test_a_tree_gives_committed_bytes(run_dir):
     repo, commit, _, _ = run_dir
-    got = read_blobs(repo, commit, ["train.py", "sub/d.txt", "no/such/file"])
+    got = committed_bytes(repo, commit, ["train.py", "sub/d.txt", "no/such/file"])
     assert got == {"train.py": STORY.encode(), "sub/d.txt": b"data\n"}
 
 
@@ -368,10 +372,11 @@ def test_without_inotify_the_watch_degrades_and_the_checks_still_catch_it(run_di
     script = textwrap.dedent(f"""
         import json, os, resource, time
         from pathlib import Path
-        from overnight.integrity import Manifest, TamperReport, Watch, read_blobs, verify
+        from overnight.integrity import Manifest, TamperReport, Watch, verify
         from overnight.snapshot import Repo
         repo, work = Repo(Path({str(repo.root)!r})), Path({str(work)!r})
-        manifest = Manifest.of_commit(repo, {commit!r})
+        tree = repo.tree({commit!r})
+        manifest = Manifest.of_tree(tree)
         lowest_free = os.dup(0)
         os.close(lowest_free)
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -382,7 +387,7 @@ def test_without_inotify_the_watch_degrades_and_the_checks_still_catch_it(run_di
         watch.stop()
         report = TamperReport.build(work, manifest, pre=[], post=verify(manifest, work),
                                     watch=watch, exited_at=time.time(),
-                                    committed=lambda p: read_blobs(repo, {commit!r}, p))
+                                    committed=lambda p: {{k: tree.read(k) for k in p}})
         print(json.dumps(report.to_json()))
         """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,

@@ -125,3 +125,14 @@ def test_pinned_refs_are_real_git_refs(repo: Repo):
     repo.pin("refs/overnight/t/7", sha)  # a loose ref overrides the packed one
     assert git(repo.root, "rev-parse", "refs/overnight/t/7") == sha
     assert git(repo.root, "for-each-ref", "--format=%(objectname)", "refs/overnight/t/7") == sha
+
+
+def test_the_blob_cache_stays_within_its_bound():
+    from overnight.snapshot import BlobCache
+
+    cache = BlobCache(max_bytes=100)
+    for i in range(10):
+        cache.put(f"b{i}", b"x" * 30)
+        cache.get("b0")  # used all the time, like the unchanged files of every candidate
+    assert cache.size <= 100
+    assert cache.get("b0") is not None and cache.get("b1") is None and cache.get("b9")

@@ -2,7 +2,7 @@
 
 Three witnesses, none of them the experiment itself:
 
-1. a manifest, sha256 of every file of the candidate's tree, taken from git objects;
+1. a manifest, sha256 of every file of the candidate's tree, from its committed bytes;
 2. verification of the run directory against it, just before launch and after exit;
 3. a live watch (inotify through watchdog) on the run directory while the run goes on, which
    catches a committed file written in place, replaced by an atomic rename, moved or deleted,
@@ -16,8 +16,9 @@ first event of each kind on each path is always kept, whatever the flood (`Watch
 
 Around one run (costs measured on a 20-file, 2 MB tree):
 
-    manifest = Manifest.of_commit(repo, commit)         # 13 ms: two git processes
-    repo.materialize(commit, workdir)                   # (32 ms)
+    tree = repo.tree(commit)                            # committed bytes (Repo.tree)
+    manifest = Manifest.of_tree(tree)
+    tree.write(workdir)
     with Watch(workdir, manifest) as watch:             # start 12 ms, stop 8 ms
         # After the watch starts, so that no change slips in between the two.
         pre = verify(manifest, workdir, outputs_ok=False)   # 2 ms
@@ -25,9 +26,9 @@ Around one run (costs measured on a 20-file, 2 MB tree):
         ...launch, wait...
         exited_at = time.time()
     post = verify(manifest, workdir)                    # 2 ms
-    report = TamperReport.build(                        # 1 ms; when tampered, one git process
+    report = TamperReport.build(                        # 1 ms
         workdir, manifest, pre=pre, post=post, watch=watch, exited_at=exited_at,
-        committed=lambda paths: read_blobs(repo, commit, paths))
+        committed=lambda paths: {p: tree.read(p) for p in paths if tree.read(p) is not None})
     report.tampered, report.summary(), report.to_json()
 
 Files the run creates are outputs, not tampering; `__pycache__` and `*.pyc` always are.
@@ -43,7 +44,6 @@ import hashlib
 import os
 import re
 import stat
-import subprocess
 import threading
 import time
 import uuid
@@ -51,7 +51,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Literal
+from typing import Literal
 
 from watchdog import events as wd_events
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
@@ -60,7 +60,6 @@ from watchdog.observers.api import BaseObserver
 
 from overnight.errors import ConfigError
 from overnight.knobs import list_knobs
-from overnight.snapshot import GitError, Repo, git_command
 from overnight.tree import Tree
 
 FILE, EXECUTABLE, SYMLINK = "100644", "100755", "120000"  # git's modes, so both sides agree
@@ -102,39 +101,6 @@ class Manifest:
         return cls(dict(sorted(entries.items())))
 
     @classmethod
-    def of_commit(cls, repo: Repo, commit: str) -> Manifest:
-        """From git objects: one `ls-tree` and one `cat-file --batch` for all blobs, hashed as
-        they stream by (a committed data file is never held in memory whole)."""
-        entries: dict[str, Entry] = {}
-        wanted: dict[str, list[tuple[str, str]]] = {}  # blob id -> [(path, mode)]
-        known, targets = repo.blob_sha256, repo.link_targets  # most files of a new candidate
-        # Blobs only: a submodule is a commit id, not files, and checkout leaves it empty.
-        for path, mode, oid in repo.listing(commit):
-            if mode == SYMLINK and oid in targets:
-                entries[path] = Entry(SYMLINK, known[oid], targets[oid])
-            elif mode != SYMLINK and oid in known:
-                entries[path] = Entry(EXECUTABLE if mode == EXECUTABLE else FILE, known[oid])
-            else:
-                wanted.setdefault(oid, []).append((path, mode))
-
-        def consume(oid: str, stream: IO[bytes], size: int) -> None:
-            modes = {mode for _, mode in wanted[oid]}
-            digest, head = _hash_stream(stream, size, keep=SYMLINK in modes)
-            known[oid] = digest
-            if SYMLINK in modes:
-                targets[oid] = os.fsdecode(head)
-            for path, mode in wanted[oid]:
-                if mode == SYMLINK:
-                    entries[path] = Entry(SYMLINK, digest, os.fsdecode(head))
-                else:
-                    entries[path] = Entry(EXECUTABLE if mode == EXECUTABLE else FILE, digest)
-
-        missing = _cat_batch(repo, list(wanted), consume) if wanted else []
-        if missing:
-            raise GitError(f"{commit[:10]}: {len(missing)} blob(s) missing from the repository")
-        return cls(dict(sorted(entries.items())))
-
-    @classmethod
     def of_tree(cls, tree: Tree) -> Manifest:
         entries = {}
         for f in tree.files:
@@ -157,18 +123,6 @@ class Manifest:
             parts = path.split("/")[:-1]
             out.update("/".join(parts[: i + 1]) + "/" for i in range(len(parts)))
         return frozenset(out)
-
-
-def read_blobs(repo: Repo, commit: str, paths: list[str]) -> dict[str, bytes]:
-    """Committed bytes of `paths` (one git process); a path absent at `commit` is left out."""
-    got: dict[str, bytes] = {}
-    by_name = {f"{commit}:{p}": p for p in paths}
-
-    def consume(name: str, stream: IO[bytes], size: int) -> None:
-        got[by_name[name]] = _read_exactly(stream, size)
-
-    _cat_batch(repo, list(by_name), consume)
-    return got
 
 
 # --- verification ----------------------------------------------------------------------------
@@ -708,7 +662,7 @@ class TamperReport:
               exited_at: float | None = None) -> TamperReport:
         """Gather the three witnesses and explain each tampered path once, by its earliest
         evidence: the check before launch, then live events in time order, then what only the
-        check after exit saw. `committed(paths)` gives committed bytes (`read_blobs`)."""
+        check after exit saw. `committed(paths)` gives committed bytes (`Tree.read`)."""
         pre_bad = [c for c in pre if c.tampering]
         post_bad = [c for c in post if c.tampering]
         events = watch.events if watch is not None else []
@@ -854,68 +808,3 @@ def _read_small(path: str, st: os.stat_result) -> bytes | None:
         return None
     with open(path, "rb") as f:
         return f.read(_KEEP_BYTES + 1)
-
-
-def _cat_batch(repo: Repo, names: list[str],
-               consume: Callable[[str, IO[bytes], int], None]) -> list[str]:
-    """Stream objects through one `git cat-file --batch`; `consume(name, stream, size)` reads
-    exactly `size` bytes. Returns the names git did not find."""
-    if not names:
-        return []
-    missing: list[str] = []
-    argv, env = git_command(repo.root, "cat-file", "--batch")
-    proc = subprocess.Popen(argv, cwd=repo.root, env=env, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-
-    def feed() -> None:  # in a thread: git blocks on a full stdout while we would block here
-        try:
-            proc.stdin.write("".join(n + "\n" for n in names).encode())
-        except BrokenPipeError:
-            pass
-        finally:
-            proc.stdin.close()
-
-    writer = threading.Thread(target=feed, daemon=True)
-    writer.start()
-    try:
-        for name in names:
-            header = proc.stdout.readline()
-            if not header:
-                err = proc.stderr.read().decode(errors="replace").strip()
-                raise GitError(f"git cat-file stopped early: {err}")
-            if header.endswith((b" missing\n", b" ambiguous\n")):
-                missing.append(name)
-                continue
-            size = int(header.split()[2])
-            consume(name, proc.stdout, size)
-            proc.stdout.read(1)  # the newline after each object
-    except BaseException:
-        proc.kill()  # unblocks the writer too
-        raise
-    finally:
-        writer.join()
-        proc.stdout.close()
-        proc.stderr.close()
-        proc.wait()
-    return missing
-
-
-def _hash_stream(stream: IO[bytes], size: int, keep: bool) -> tuple[str, bytes]:
-    h, left, head = hashlib.sha256(), size, b""
-    while left:
-        chunk = stream.read(min(_CHUNK, left))
-        if not chunk:
-            raise GitError("git cat-file ended in the middle of an object")
-        h.update(chunk)
-        if keep:
-            head += chunk
-        left -= len(chunk)
-    return h.hexdigest(), head
-
-
-def _read_exactly(stream: IO[bytes], size: int) -> bytes:
-    data = stream.read(size)
-    if len(data) != size:
-        raise GitError("git cat-file ended in the middle of an object")
-    return data

@@ -19,6 +19,7 @@ import subprocess
 import threading
 import time
 import zlib
+from collections import OrderedDict
 from pathlib import Path
 
 from overnight.errors import ConfigError, OvernightError
@@ -146,6 +147,32 @@ def candidate_ref(tag: str, experiment_id: int) -> str:
     return f"refs/overnight/{tag}/{experiment_id}"
 
 
+class BlobCache:
+    """Blob contents by id, the least recently used dropped past `max_bytes`: a night of
+    candidates shares almost every blob, but each proposal adds a few new ones."""
+
+    def __init__(self, max_bytes: int = 256 << 20):
+        self.max_bytes = max_bytes
+        self.size = 0
+        self._data: OrderedDict[str, bytes] = OrderedDict()
+
+    def get(self, oid: str) -> bytes | None:
+        data = self._data.get(oid)
+        if data is not None:
+            self._data.move_to_end(oid)
+        return data
+
+    def put(self, oid: str, data: bytes) -> None:
+        if oid in self._data:
+            self._data.move_to_end(oid)
+            return
+        self._data[oid] = data
+        self.size += len(data)
+        while self.size > self.max_bytes and len(self._data) > 1:
+            _, old = self._data.popitem(last=False)
+            self.size -= len(old)
+
+
 class Repo:
     def __init__(self, root: Path):
         self.root = root
@@ -156,8 +183,7 @@ class Repo:
         # sha256 of blob contents by blob id: a manifest of a new candidate then only hashes
         # what changed (objects are immutable, so the cache is never stale).
         self.blob_sha256: dict[str, str] = {}
-        self.link_targets: dict[str, str] = {}  # blob id -> where a symlink with it points
-        self._blobs: dict[str, bytes] = {}  # blob id -> contents, for trees of candidates
+        self._blobs = BlobCache()  # blob id -> contents, for trees of candidates
 
     @classmethod
     def open(cls, path: Path) -> Repo:
@@ -279,6 +305,7 @@ class Repo:
         sha = hashlib.sha1(raw).hexdigest()
         if kind == "blob":
             self.blob_sha256[sha] = hashlib.sha256(data).hexdigest()
+            self._blobs.put(sha, data)  # a candidate's tree is then read without git
         path = objects / sha[:2] / sha[2:]
         if not path.exists():
             path.parent.mkdir(exist_ok=True)
@@ -354,12 +381,16 @@ class Repo:
         """The commit's files as committed bytes (one `cat-file --batch` for blobs not seen
         before: candidates share almost all of theirs, and objects never change)."""
         listing = self.listing(commit)
-        wanted = sorted({oid for _, _, oid in listing if oid not in self._blobs})
+        have = {oid: data for _, _, oid in listing
+                if (data := self._blobs.get(oid)) is not None}
+        wanted = sorted({oid for _, _, oid in listing} - set(have))
         if wanted:
-            self._blobs.update(self._read_objects(wanted))
+            for oid, data in self._read_objects(wanted).items():
+                have[oid] = data
+                self._blobs.put(oid, data)
         files = []
         for path, mode, oid in listing:
-            data = self._blobs[oid]
+            data = have[oid]
             mode = mode if mode in (EXECUTABLE, SYMLINK) else FILE
             files.append(TreeFile(path, mode, data, self._sha256(oid, data)))
         return Tree(commit, tuple(files))

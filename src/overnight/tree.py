@@ -68,10 +68,6 @@ class Tree:
             return self.resolve("/".join([target, *parts[i:]]), depth - 1)
         return self.by_path.get(path)
 
-    @property
-    def size(self) -> int:
-        return sum(len(f.data) for f in self.files)
-
     def write(self, dest: Path) -> None:
         """Create `dest` holding exactly these files (it must not exist or be empty)."""
         dest = Path(dest)
