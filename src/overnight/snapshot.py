@@ -251,17 +251,31 @@ class Repo:
 
     def read_files(self, commit: str, paths: list[str]) -> dict[str, str]:
         """Text of several files at a commit in one git call."""
-        if not paths:
-            return {}
-        req = "".join(f"{commit}:{p}\n" for p in paths).encode()
-        out, data, pos = {}, self.git_bytes("cat-file", "--batch", input=req), 0
-        for path in paths:
+        out = {}
+        for path, data in zip(paths, self._cat([f"{commit}:{p}" for p in paths]), strict=True):
+            if data is None:
+                raise GitError(f"{path} does not exist at {commit[:10]}")
+            out[path] = data.decode("utf-8", errors="replace")
+        return out
+
+    def _cat(self, names: list[str]) -> list[bytes | None]:
+        """The contents of objects (`<commit>:<path>` or ids) in one `cat-file --batch`;
+        None for one git does not have."""
+        if not names:
+            return []
+        data = self.git_bytes("cat-file", "--batch",
+                              input="".join(n + "\n" for n in names).encode())
+        out: list[bytes | None] = []
+        pos = 0
+        for _ in names:
             nl = data.index(b"\n", pos)
             header = data[pos:nl].decode()
-            if header.endswith("missing"):
-                raise GitError(f"{path} does not exist at {commit[:10]}")
+            if header.endswith(("missing", "ambiguous")):
+                out.append(None)
+                pos = nl + 1
+                continue
             size = int(header.split()[2])
-            out[path] = data[nl + 1: nl + 1 + size].decode("utf-8", errors="replace")
+            out.append(data[nl + 1: nl + 1 + size])
             pos = nl + 1 + size + 1
         return out
 
@@ -402,17 +416,11 @@ class Repo:
         return digest
 
     def _read_objects(self, oids: list[str]) -> dict[str, bytes]:
-        data = self.git_bytes("cat-file", "--batch",
-                              input="".join(o + "\n" for o in oids).encode())
-        out, pos = {}, 0
-        for oid in oids:
-            nl = data.index(b"\n", pos)
-            header = data[pos:nl].decode()
-            if header.endswith("missing"):
+        out = {}
+        for oid, data in zip(oids, self._cat(oids), strict=True):
+            if data is None:
                 raise GitError(f"object {oid[:10]} is missing from the repository")
-            size = int(header.split()[2])
-            out[oid] = data[nl + 1: nl + 1 + size]
-            pos = nl + 1 + size + 1
+            out[oid] = data
         return out
 
     def commit_tree(self, tree: str, parent: str, message: str) -> str:
