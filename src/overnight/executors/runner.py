@@ -125,6 +125,7 @@ def check(req: RunRequest, command: str, timeout: float, cancel: threading.Event
           gpu: str | None = None) -> CheckResult:
     """The checks command on a fresh copy of the candidate's tree, in the same box."""
     log = req.run_dir / "checks.log"
+    where: Path | None = None
     try:
         mode = sandbox.resolve(req.sandbox)
         where = _scratch(req.run_dir, "checks-", req.tree)
@@ -134,7 +135,7 @@ def check(req: RunRequest, command: str, timeout: float, cancel: threading.Event
     except (OSError, OvernightError, ValueError) as e:
         return CheckResult(False, f"the checks could not run: {e}", log)
     finally:
-        if "where" in locals():
+        if where is not None:
             shutil.rmtree(where, ignore_errors=True)
     if ran.cancelled:
         return CheckResult(False, "interrupted (the loop was stopped)", log)
