@@ -33,9 +33,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from overnight.errors import ConfigError, IntegrityHalt, OvernightError
-
-FINAL = ("keep", "discard", "crash", "timeout", "tampered", "rejected", "checks_failed", "lost")
-ACTIVE = ("queued", "running")
+from overnight.status import ACTIVE, FINAL, Status  # noqa: F401 - FINAL: re-exported
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS experiments (
@@ -574,7 +572,7 @@ class Ledger:
         return _to_row(r) if r else None
 
     def experiments(self, tag: str | None = None,
-                    statuses: tuple[str, ...] | None = None) -> list[Row]:
+                    statuses: tuple[str, ...] | frozenset[str] | None = None) -> list[Row]:
         sql, args = "SELECT * FROM experiments WHERE 1=1", []
         if tag is not None:
             sql += " AND tag = ?"

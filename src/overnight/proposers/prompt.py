@@ -20,6 +20,8 @@ from typing import Protocol
 from overnight.errors import ConfigError
 from overnight.proposers.base import Context, Experiment
 from overnight.regions import RegionError, regions
+from overnight.status import ACTIVE, Status
+from overnight.status import FAILED as STATUS_FAILED
 
 CHARS_PER_TOKEN = 3.5  # a rough average for English and code across common tokenizers
 BEST_FEW = 5  # best experiments shown in detail
@@ -28,9 +30,9 @@ MIN_RECENT = 3  # kept while log tails are shortened; dropped only as a last res
 TAIL_FULL = 3000  # characters of a failed run's log tail, before trimming
 TAIL_SHORT = 600
 AGENT_PROMPT_CHARS = 100_000  # Linux caps one argv string at 128 KiB
-IN_FLIGHT = frozenset({"queued", "running"})
-FAILED = frozenset({"crash", "timeout", "checks_failed", "tampered", "lost"})
-WITH_LOG = frozenset({"crash", "timeout", "checks_failed"})
+IN_FLIGHT = ACTIVE
+FAILED = STATUS_FAILED | {Status.TAMPERED, Status.LOST}
+WITH_LOG = STATUS_FAILED
 
 
 class Limits(Protocol):

@@ -49,14 +49,15 @@ from overnight.errors import ConfigError
 from overnight.knobs import Knob, format_value, python_files, read_knobs, rewrite
 from overnight.proposers.base import Context, Experiment, Proposal, Proposer
 from overnight.spec import Spec
+from overnight.status import ACTIVE, FAILED, MEASURED, Status
 
 if TYPE_CHECKING:
     import optuna
 
 MAX_TRIES = 50  # draws per proposal before concluding nothing new is left
-COMPLETE_STATUSES = frozenset({"keep", "discard"})
-FAIL_STATUSES = frozenset({"crash", "timeout", "checks_failed"})
-IN_FLIGHT_STATUSES = frozenset({"queued", "running"})
+COMPLETE_STATUSES = MEASURED - {Status.REPEAT}  # candidates with a number
+FAIL_STATUSES = FAILED
+IN_FLIGHT_STATUSES = ACTIVE
 
 Config = dict[str, int | float]
 Key = tuple[int | float, ...]
