@@ -68,7 +68,12 @@ CREATE TABLE IF NOT EXISTS experiments (
     cost_usd      REAL NOT NULL DEFAULT 0,
     created_at    REAL NOT NULL,
     started_at    REAL,
-    finished_at   REAL
+    finished_at   REAL,
+    repeat_of     INTEGER,
+    estimate      REAL,
+    runs          INTEGER NOT NULL DEFAULT 0,
+    spread        REAL,
+    noise         REAL
 );
 CREATE INDEX IF NOT EXISTS experiments_tag ON experiments(tag, status);
 CREATE TABLE IF NOT EXISTS notes (
@@ -132,6 +137,14 @@ class Row:
     created_at: float
     started_at: float | None
     finished_at: float | None
+    # The noise-aware judge (judge.py): a repeat run names its candidate (or the baseline);
+    # a candidate carries its estimate from its runs, their number, the estimate's standard
+    # error and the run-to-run noise the decision used.
+    repeat_of: int | None = None
+    estimate: float | None = None
+    runs: int = 0
+    spread: float | None = None
+    noise: float | None = None
     extra: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -139,6 +152,12 @@ class Row:
         if self.started_at is None or self.finished_at is None:
             return None
         return self.finished_at - self.started_at
+
+    @property
+    def value(self) -> float | None:
+        """What the candidate measures, as well as it is known: its estimate from all its
+        runs once it has one, else its one run's metric."""
+        return self.estimate if self.estimate is not None else self.metric
 
     @property
     def memory_gb(self) -> float | None:
@@ -166,6 +185,11 @@ _ADDED_COLUMNS = {
     "tokens_in": "INTEGER NOT NULL DEFAULT 0",
     "tokens_out": "INTEGER NOT NULL DEFAULT 0",
     "cost_usd": "REAL NOT NULL DEFAULT 0",
+    "repeat_of": "INTEGER",
+    "estimate": "REAL",
+    "runs": "INTEGER NOT NULL DEFAULT 0",
+    "spread": "REAL",
+    "noise": "REAL",
 }
 _COLUMNS = [f.name for f in fields(Row) if f.name != "extra"]
 
