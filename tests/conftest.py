@@ -45,8 +45,15 @@ def train_py(lr: float = 0.001, extra: str = "") -> str:
     return TRAIN.format(lr=lr, extra=extra)
 
 
+# The loop's mechanics (refs, resume, isolation, detection) are tested on deterministic
+# scripts with one run per candidate (judge = "greedy"), so that each test can say exactly
+# which rows it expects; the noise-aware default, with its repeats, is tested in test_judge.py.
+GREEDY = '[judge]\nmode = "greedy"\n'
+
+
 def spec_toml(strategy: str = "grid", budget: float = 5, timeout: float = 10,
-              grace: float = 1, extra_run: str = "", extra: str = "") -> str:
+              grace: float = 1, extra_run: str = "", extra: str = "",
+              judge: str = GREEDY) -> str:
     return f"""\
 [objective]
 metric = "val_loss"
@@ -62,6 +69,7 @@ kill_grace_seconds = {grace}
 [files]
 editable = ["train.py"]
 
+{judge}
 [search]
 strategy = "{strategy}"
 seed = 7

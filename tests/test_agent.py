@@ -223,6 +223,9 @@ timeout_seconds = 20
 editable = ["train.py"]
 protected = ["prepare.py"]
 
+[judge]
+mode = "greedy"
+
 [proposer]
 kind = "agent"
 

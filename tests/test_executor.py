@@ -60,8 +60,7 @@ def bench(make_repo: Callable[..., Path]):
 
 
 def decide(result: RunResult) -> judge.Decision:
-    value, why = result.metrics.objective(OBJECTIVE.metric)
-    return judge.decide(OBJECTIVE, result.status, value, why, None, result.reason)
+    return judge.Judge(OBJECTIVE).baseline(judge.outcome(result, OBJECTIVE.metric))
 
 
 def pid_file(req: RunRequest, name: str = "pid") -> int:

@@ -65,6 +65,9 @@ class Harness:
             editable = ["train.py"]
             protected = {json.dumps(list(protected))}
 
+            [judge]
+            mode = "greedy"
+
             [search]
             strategy = "grid"
             """) + extra

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import shutil
 import threading
@@ -21,6 +22,7 @@ from typing import Protocol
 from overnight import admission, judge
 from overnight.errors import ConfigError, IntegrityHalt, OvernightError
 from overnight.executors.base import CheckResult, Executor, RunRequest, RunResult
+from overnight.judge import Decision
 from overnight.ledger import Ledger, Row
 from overnight.metrics import tail
 from overnight.proposers.base import Context, Experiment, Proposal, Proposer, fingerprint
@@ -28,6 +30,7 @@ from overnight.proposers.edits import knob_values
 from overnight.sandbox import redact, venv_paths
 from overnight.snapshot import Repo, branch_ref, candidate_ref
 from overnight.spec import Spec
+from overnight.status import ACTIVE, MEASURED, NOT_COUNTED, Status
 from overnight.tree import Tree
 
 MAX_LOST_RETRIES = 2  # a candidate whose run is lost is redone at most this many times
@@ -88,6 +91,10 @@ class Loop:
         self._stop: str | None = None  # why no more proposals are asked for
         self._rejected_in_a_row = 0
         self._tails: dict[int, str] = {}  # log tails of crashed runs, for the proposer
+        self.judge = judge.Judge(spec.objective, spec.judge)
+        self._measured: dict[int, list[float]] = {}  # candidate id -> its runs' values
+        self._noise = judge.Noise()  # pooled over every candidate that ran more than once
+        self._waiting: set[int] = set()  # confirm candidates waiting for the noise figure
 
     # -- the main path -----------------------------------------------------------
 
@@ -181,22 +188,24 @@ class Loop:
                 self._ready.append(row)
 
     def _drop_unrun(self) -> None:
-        """Candidates prepared but never launched are lost: a later run redoes them."""
-        for row in self._ready:
+        """Candidates prepared but never launched are lost: a later run redoes them (and
+        queues again the repeats their confirmations still need)."""
+        for row in [*self._ready, *(r for r in self._redo if r.repeat_of is not None)]:
             self.ledger.update(row.id, status="lost", reason="not run: the loop stopped",
                                finished_at=time.time())
             self._get(row.id)
         self._ready.clear()
+        self._redo = [r for r in self._redo if r.repeat_of is None]
 
     def _drain(self) -> bool:
         """Record every finished run or check; True if there was any."""
         done = [fut for fut in self._pending if fut.done()]
         for fut in done:
             job = self._pending.pop(fut)
-            if job.result is None:
-                self._record(job, fut.result())
-            else:
+            if job.checks:
                 self._checked(job, fut.result())
+            else:
+                self._record(job, fut.result())
         return bool(done)
 
     # -- starting: baseline, resume, repair ---------------------------------------
@@ -212,6 +221,7 @@ class Loop:
                 self.report.note(f"killed {killed} orphaned process(es) of those experiments")
         rows = self.ledger.experiments(self.tag)
         self._rows = {r.id: r for r in rows}
+        self._gather_evidence(rows)
         redo = []
         if not any(r.status == "keep" for r in rows):
             baseline = self._start_baseline(rows)
@@ -222,8 +232,8 @@ class Loop:
         self._repair_refs(rows)
         retried = {r.retry_of for r in rows if r.retry_of is not None}
         for r in rows:
-            if r.status != "lost" or r.id in retried:
-                continue
+            if r.status != "lost" or r.id in retried or r.repeat_of is not None:
+                continue  # a lost repeat is not redone as such: its candidate asks again
             depth = self._retry_depth(r, rows)
             if r.commit_sha and (r.is_baseline or depth < MAX_LOST_RETRIES):
                 redo.append(r)
@@ -232,7 +242,30 @@ class Loop:
         base = self._baseline()
         if base is not None:
             self.proposer = self.make_proposer(self._files(base.commit_sha))
-        return redo
+        self._redo = redo
+        self._resume_confirmations()
+        return self._redo
+
+    def _gather_evidence(self, rows: list[Row]) -> None:
+        """Every measured run, grouped by the commit's first row: the judge's evidence."""
+        for r in rows:
+            if r.metric is None or r.status not in MEASURED:
+                continue
+            group = r.repeat_of if r.repeat_of is not None else r.id
+            self._measured.setdefault(group, []).append(r.metric)
+        for group, values in self._measured.items():
+            self._noise.set(group, tuple(values))
+
+    def _resume_confirmations(self) -> None:
+        """Confirmations a stopped run left open go on: the baseline gets the rest of its
+        runs, and each candidate in `confirm` is decided on what it has, or runs again."""
+        base = self._baseline()
+        if base is None or base.status != Status.KEEP:
+            return
+        self._top_up_baseline(base)
+        for row in sorted(self._rows.values(), key=lambda r: r.id):
+            if row.status == Status.CONFIRM:
+                self._decide(row)
 
     def _start_baseline(self, rows: list[Row]) -> Row | None:
         """A tag with no kept experiment starts (over) from HEAD, unchanged."""
@@ -292,7 +325,7 @@ class Loop:
             is_baseline=int(lost.is_baseline), description=lost.description,
             hypothesis=lost.hypothesis, proposer=lost.proposer, knobs=lost.knobs,
             retry_of=lost.id, kept_commit=lost.kept_commit if lost.is_baseline else None,
-            fingerprint=lost.fingerprint,
+            fingerprint=lost.fingerprint, repeat_of=lost.repeat_of,
         )
         self.repo.pin(candidate_ref(self.tag, new_id), lost.commit_sha)
         return self._get(new_id)
@@ -402,15 +435,23 @@ class Loop:
 
     def _launch(self, row: Row) -> None:
         slot = self._free_slots.pop(0)
-        run_dir = self.runs_root / self.tag / str(row.id)
+        req = self._request(row, self.runs_root / self.tag / str(row.id), slot)
+        self.ledger.update(row.id, status="running", slot=slot, run_dir=str(req.run_dir),
+                           log_path=str(req.log_path))
+        row = self._get(row.id)
+        self._pending[self.executor.submit(req)] = _Job(row, req)
+        self.report.started(row)
+
+    def _request(self, row: Row, run_dir: Path, slot: int | None) -> RunRequest:
         run = self.spec.run
         evaluate = self.spec.evaluate
         venv = self.repo.root / ".venv"
-        req = RunRequest(
+        return RunRequest(
             experiment_id=row.id, tree=self._tree(row.commit_sha), run_dir=run_dir,
             command=run.command, env=dict(run.env), budget_seconds=run.budget_seconds,
             timeout_seconds=run.timeout_seconds, kill_grace_seconds=run.kill_grace_seconds,
-            slot=slot, metrics_file=run.metrics_file, allow_env=tuple(run.allow_env),
+            slot=slot if slot is not None else 0, metrics_file=run.metrics_file,
+            allow_env=tuple(run.allow_env),
             sandbox=run.sandbox, network=run.network, attest=run.attest,
             evaluate=evaluate.command if evaluate else None,
             evaluate_tree=self._tree(self._baseline_commit()) if evaluate else None,
@@ -420,40 +461,150 @@ class Loop:
             devices=tuple(run.devices), project_venv=venv if venv.is_dir() else None,
             tmp_bytes=run.tmp_size_mb << 20, max_processes=run.max_processes,
         )
-        self.ledger.update(row.id, status="running", slot=slot, run_dir=str(run_dir),
-                           log_path=str(req.log_path))
-        row = self._get(row.id)
-        self._pending[self.executor.submit(req)] = _Job(row, req)
-        self.report.started(row)
 
     def _record(self, job: _Job, result: RunResult) -> None:
         """Judge a finished run; a would-be keep goes through the checks gate first."""
         row = job.row
         self._verify_before_judging(row)
+        run = judge.outcome(result, self.spec.objective.metric)
         if result.status == "error":
-            self._finish(row, result, judge.Decision("lost", None, None, result.reason), None)
+            self._finish(row, result, Decision(Status.LOST, reason=result.reason))
             raise OvernightError(f"experiment #{row.id} could not be run: {result.reason}")
-        if result.tampered:
-            self._tampered(row, result)
+        if row.repeat_of is not None:
+            self._repeated(row, result, self.judge.repeat(run))
             return
-        decision, inc = self._judge(row, result)
-        if decision.status == "keep" and not row.is_baseline and self.spec.run.checks:
-            fut = self.executor.submit_checks(job.request, self.spec.run.checks,
-                                              self.spec.run.checks_timeout_seconds)
-            self._pending[fut] = _Job(row, job.request, result)
-            self.report.note(f"#{row.id} beat the incumbent; running checks")
+        inc = None if row.is_baseline else self._incumbent()
+        if inc is None:
+            decision = self.judge.baseline(run)
+        else:
+            decision = self.judge.first(run, self._evidence(inc), self._noise,
+                                        self._simpler(row, inc))
+        if decision.status == Status.TAMPERED:
+            self._tampered(row, result, decision)
+        elif decision.status == Status.KEEP and self._gated(row):
+            self._submit_checks(job, result, row)
+        else:
+            self._finish(row, result, decision, inc)
+            if decision.status == Status.CONFIRM:
+                self._next_run(self._get(row.id))
+
+    def _repeated(self, row: Row, result: RunResult, decision: Decision) -> None:
+        """A repeat ended: record it, then decide its candidate on the new evidence."""
+        if decision.status == Status.TAMPERED:
+            self._tampered(row, result, decision)
             return
-        self._finish(row, result, decision, inc)
+        row = self._finish(row, result, decision)
+        if decision.status == Status.LOST:
+            return  # redone like any lost run
+        cand = self._get(row.repeat_of)
+        if cand is None:
+            return
+        failed = "" if decision.status == Status.REPEAT and not decision.reason else (
+            f"#{row.id} {decision.status}: {decision.reason}")
+        if cand.is_baseline:
+            self._update_baseline(cand)
+            return
+        if cand.status == Status.CONFIRM:
+            self._decide(cand, failed, hold=None)
+
+    def _decide(self, cand: Row, failed: str = "", hold: _Job | None = None) -> None:
+        """A candidate in `confirm` on all its evidence: keep (through the checks), discard,
+        or one more run (later, if the baseline's noise figure is still being measured)."""
+        inc = self._incumbent()
+        decision = self.judge.candidate(self._evidence(cand), self._evidence(inc), self._noise,
+                                        self._simpler(cand, inc), failed)
+        if decision.status == Status.CONFIRM:
+            self.ledger.update(cand.id, reason=decision.reason, **_stats(decision))
+            self._next_run(self._get(cand.id))
+        elif decision.status == Status.KEEP and self._gated(cand) and hold is None:
+            self._submit_checks(None, None, cand)
+        else:
+            self._conclude(cand, decision, inc)
+
+    def _next_run(self, cand: Row) -> None:
+        """Queue the candidate's next run, unless the noise is still being measured: then
+        it waits for the baseline's runs (an exact objective needs no more runs at all)."""
+        if self._baseline_runs_pending():
+            self._waiting.add(cand.id)
+            return
+        if self._noise.exact:
+            self._decide(cand)
+            return
+        self._queue_repeat(cand)
+
+    def _queue_repeat(self, cand: Row) -> None:
+        rid = self.ledger.insert(
+            self.tag, "queued", parent=cand.parent, commit_sha=cand.commit_sha,
+            is_baseline=0, description=f"repeat of #{cand.id}: {cand.description}",
+            proposer=cand.proposer, knobs=cand.knobs, repeat_of=cand.id,
+        )
+        self.repo.pin(candidate_ref(self.tag, rid), cand.commit_sha)
+        self._redo.append(self._get(rid))
+
+    def _update_baseline(self, base: Row) -> None:
+        """Another run of the baseline: a better estimate of the incumbent and of the noise;
+        candidates that waited for the noise figure go on once all of them are in."""
+        ev = self._evidence(base)
+        sigma = self._noise.sigma
+        self.ledger.update(base.id, estimate=ev.estimate, runs=len(ev.values), noise=sigma,
+                           spread=sigma / math.sqrt(ev.n) if sigma is not None else None)
+        self._get(base.id)
+        if self._baseline_runs_pending():
+            return
+        if self._noise.exact:
+            self.report.note("the baseline's runs measured exactly the same: the objective "
+                             "is deterministic, so candidates are judged on one run")
+        elif sigma is not None:
+            self.report.note(f"noise: one run of {self.spec.objective.metric} varies by "
+                             f"about {sigma:.3g} (sigma, from {len(ev.values)} baseline runs)")
+        for cid in sorted(self._waiting):
+            cand = self._get(cid)
+            if cand is not None and cand.status == Status.CONFIRM:
+                self._waiting.discard(cid)
+                self._decide(cand)
+        self._waiting.clear()
+
+    def _baseline_runs_pending(self) -> bool:
+        base = self._baseline()
+        return base is not None and any(
+            r.repeat_of == base.id and r.status in ACTIVE for r in self._rows.values())
+
+    def _gated(self, row: Row) -> bool:
+        return bool(self.spec.run.checks) and not row.is_baseline
+
+    def _submit_checks(self, job: _Job | None, result: RunResult | None, row: Row) -> None:
+        """The checks of a would-be keep, on a fresh copy of its commit's tree (in its first
+        run's directory when it was decided on its repeats)."""
+        if job is not None:
+            request = job.request
+        else:
+            request = self._request(row, Path(row.run_dir), None)
+        fut = self.executor.submit_checks(request, self.spec.run.checks,
+                                          self.spec.run.checks_timeout_seconds)
+        self._pending[fut] = _Job(row, request, result, checks=True)
+        self.report.note(f"#{row.id} beat the incumbent; running checks")
 
     def _checked(self, job: _Job, check: CheckResult) -> None:
-        row, result = job.row, job.result
+        row = self._get(job.row.id)
         self._verify_before_judging(row)
-        if not check.ok:
-            decision = judge.Decision("checks_failed", None, None, check.reason)
-            self._finish(row, result, decision, None)
+        failed = self.judge.checks(check.ok, check.reason)
+        if row.status == Status.CONFIRM:  # decided on its repeats; its runs are recorded
+            if failed:
+                self._conclude(row, failed, None)
+            else:
+                self._decide(row, hold=job)  # judged again: the incumbent may have moved
+            return
+        result = job.result
+        if failed:
+            self._finish(row, result, failed)
             return
         # Judge again: the incumbent may have moved while the checks ran.
-        self._finish(row, result, *self._judge(row, result))
+        inc = self._incumbent()
+        decision = self.judge.first(judge.outcome(result, self.spec.objective.metric),
+                                    self._evidence(inc), self._noise, self._simpler(row, inc))
+        self._finish(row, result, decision, inc)
+        if decision.status == Status.CONFIRM:
+            self._next_run(self._get(row.id))
 
     def _verify_before_judging(self, row: Row) -> None:
         """Judged against an incumbent nobody rewrote: the rows the judgment reads and what
@@ -461,18 +612,18 @@ class Loop:
         inc = self._incumbent()
         self.ledger.verify_rows([row.id] + ([inc.id] if inc else []))
 
-    def _judge(self, row: Row, result: RunResult) -> tuple[judge.Decision, Row | None]:
-        """The decision against the current incumbent (none for the baseline)."""
-        value, why = result.metrics.objective(self.spec.objective.metric)
-        inc = None if row.is_baseline else self._incumbent()
-        decision = judge.decide(self.spec.objective, result.status, value, why,
-                                inc.metric if inc else None, result.reason)
-        return decision, inc
+    def _evidence(self, row: Row) -> judge.Evidence:
+        return judge.Evidence(tuple(self._measured.get(row.id, ())), not row.is_baseline)
 
-    def _tampered(self, row: Row, result: RunResult) -> None:
+    def _simpler(self, row: Row, inc: Row) -> bool:
+        """Fewer lines of code than the incumbent (for [judge] prefer_simpler)."""
+        if not self.spec.judge.prefer_simpler:
+            return False
+        return _lines(self._files(row.commit_sha)) < _lines(self._files(inc.commit_sha))
+
+    def _tampered(self, row: Row, result: RunResult, decision: Decision) -> None:
         """What ran is not what was committed: never a result. Retry once, then halt."""
-        row = self._finish(row, result, judge.Decision("tampered", None, None, result.tampered),
-                           None)
+        row = self._finish(row, result, decision)
         earlier = self._get(row.retry_of) if row.retry_of else None
         if earlier is None or earlier.status != "tampered":
             self.report.note(f"#{row.id} tampered: {result.tampered}; retrying it once from a "
@@ -487,42 +638,69 @@ class Loop:
             raise IntegrityHalt(message)
         self.report.note(message)
 
-    def _finish(self, row: Row, result: RunResult, decision: judge.Decision,
-                inc: Row | None) -> Row:
-        """Record the decision (and a keep on the branch); the row as recorded."""
+    def _finish(self, row: Row, result: RunResult, decision: Decision,
+                inc: Row | None = None) -> Row:
+        """Record a run and its decision (a keep also on the branch); the row as recorded."""
         self._free(row)
-        if decision.status == "keep":
-            self._branch_before_keep(row)
-        update = dict(
-            status=decision.status, metric=decision.metric, delta=decision.delta,
-            metrics=result.metrics.values, reason=decision.reason,
-            returncode=result.returncode, peak_rss_mb=result.peak_rss_mb,
+        facts = dict(
+            metric=decision.metric, metrics=result.metrics.values, returncode=result.returncode,
+            peak_rss_mb=result.peak_rss_mb,
             peak_vram_mb=result.metrics.values.get("peak_vram_mb"),
             hardware=result.hardware, started_at=result.started_at,
             finished_at=result.finished_at, runtime_knobs=result.runtime_knobs,
             integrity=result.integrity,
         )
-        if decision.status == "keep" and not row.is_baseline:
+        if decision.metric is not None and decision.status in MEASURED:
+            group = row.repeat_of if row.repeat_of is not None else row.id
+            self._measured.setdefault(group, []).append(decision.metric)
+            self._noise.set(group, tuple(self._measured[group]))
+        row = self._settle(row, decision, inc, **facts)
+        self._tidy(row)
+        if row.is_baseline and row.status not in ("keep", "lost", "tampered"):
+            raise ConfigError(self._baseline_failed(row))
+        if row.is_baseline and row.status == Status.KEEP:
+            self._pin_spec()
+            self._top_up_baseline(row)
+        self.report.finished(row, self._incumbent(), self._counted())
+        return row
+
+    def _conclude(self, cand: Row, decision: Decision, inc: Row | None) -> None:
+        """A candidate decided on all its runs (they are recorded already)."""
+        self._waiting.discard(cand.id)
+        row = self._settle(cand, decision, inc, finished_at=time.time())
+        self.report.finished(row, self._incumbent(), self._counted())
+
+    def _settle(self, row: Row, decision: Decision, inc: Row | None, **facts) -> Row:
+        if decision.status == Status.KEEP:
+            self._branch_before_keep(row)
+        update = dict(status=decision.status, delta=decision.delta, reason=decision.reason,
+                      **_stats(decision), **facts)
+        if decision.status == Status.KEEP and not row.is_baseline:
             kept = self._keep_commit(row, inc, decision)
             self.ledger.update(row.id, kept_commit=kept, **update)
             self.repo.set_ref(branch_ref(self.tag), kept)  # after the ledger: resume repairs
         else:
             self.ledger.update(row.id, **update)
-        row = self._get(row.id)
-        if row.is_baseline and row.status == "keep":
-            self._pin_spec()
-        self._tidy(row)
-        if row.is_baseline and row.status not in ("keep", "lost", "tampered"):
-            raise ConfigError(self._baseline_failed(row))
-        self.report.finished(row, self._incumbent(), self._counted())
-        return row
+        return self._get(row.id)
 
-    def _keep_commit(self, row: Row, inc: Row, d: judge.Decision) -> str:
+    def _top_up_baseline(self, base: Row) -> None:
+        """The baseline runs `baseline_runs` times in all (confirm mode): the first noise
+        figure. Its repeats take free slots while the first proposals are prepared."""
+        if self.judge.greedy:
+            return
+        have = sum(1 for r in self._rows.values()
+                   if r.repeat_of == base.id and r.status not in ("lost", "rejected"))
+        for _ in range(self.spec.judge.baseline_runs - 1 - have):
+            self._queue_repeat(base)
+
+    def _keep_commit(self, row: Row, inc: Row, d: Decision) -> str:
         metric = self.spec.objective.metric
-        pct = judge.improvement_pct(self.spec.objective, inc.metric, d.metric)
-        message = (
-            f"{metric} {inc.metric:.6f} -> {d.metric:.6f} ({pct:+.2f}%): {row.description}\n\n"
-        )
+        value = d.estimate if d.estimate is not None else d.metric
+        pct = judge.improvement_pct(self.spec.objective, inc.value, value)
+        message = f"{metric} {inc.value:.6f} -> {value:.6f} ({pct:+.2f}%)"
+        if d.runs > 1 and d.spread is not None:
+            message += f", +-{d.spread:.2g} over {d.runs} runs"
+        message += f": {row.description}\n\n"
         if row.hypothesis:
             message += f"Hypothesis: {row.hypothesis}\n\n"
         message += (f"Overnight-Tag: {self.tag}\nOvernight-Experiment: {row.id}\n"
@@ -549,11 +727,12 @@ class Loop:
         self.report.note("stopping: killing running experiments...")
         self.executor.cancel_all()
         for fut, job in list(self._pending.items()):
+            if job.checks and job.result is None:
+                continue  # checks of a candidate in confirm: it stays so, resume decides it
             result = job.result or fut.result()
             result.status, result.reason = "lost", "interrupted (the loop was stopped)"
             result.tampered = ""
-            self._finish(job.row, result, judge.Decision("lost", None, None, result.reason),
-                         None)
+            self._finish(job.row, result, Decision(Status.LOST, reason=result.reason))
         self._pending.clear()
         self.ledger.mark_lost(self.tag, "interrupted (the loop was stopped)")
 
@@ -660,12 +839,14 @@ class Loop:
         return self._incumbent() is None
 
     def _counted(self) -> int:
-        return self.ledger.count(self.tag, exclude=("lost", "queued", "running"))
+        """Runs that count: repeats too (compute is compute), rejected proposals not."""
+        return self.ledger.count(self.tag, exclude=tuple(NOT_COUNTED))
 
     def _reached_max(self) -> bool:
         if self.max is None:
             return False
-        return self._counted() + len(self._pending) >= self.max
+        running = sum(1 for job in self._pending.values() if not job.checks)
+        return self._counted() + running >= self.max
 
     def _tree(self, commit: str) -> Tree:
         return self.repo.tree(commit)
@@ -693,8 +874,11 @@ class Loop:
 def _spec_record(spec: Spec) -> dict[str, dict[str, object]]:
     """The keys that define the measurement (pinned per tag) and the rest (may change)."""
     run = spec.run
+    objective = spec.objective.model_dump(mode="json")
+    if not objective["constraints"]:
+        del objective["constraints"]  # a tag pinned before constraints existed still matches
     measure: dict[str, object] = {
-        "objective": spec.objective.model_dump(mode="json"),
+        "objective": objective,
         "run.command": run.command,
         "run.budget_seconds": run.budget_seconds,
         "run.timeout_seconds": run.timeout_seconds,
@@ -738,7 +922,8 @@ class _Job:
 
     row: Row
     request: RunRequest
-    result: RunResult | None = None
+    result: RunResult | None = None  # the run's, when these are checks of its would-be keep
+    checks: bool = False  # the checks of a would-be keep, not a run
 
 
 def _experiment(r: Row, log: str = "") -> Experiment:
@@ -748,6 +933,16 @@ def _experiment(r: Row, log: str = "") -> Experiment:
         hypothesis=r.hypothesis, delta=r.delta, reason=r.reason,
         runtime_knobs=r.runtime_knobs, log_tail=log, fingerprint=r.fingerprint,
     )
+
+
+def _stats(d: Decision) -> dict[str, object]:
+    return dict(estimate=d.estimate, runs=d.runs, spread=d.spread, noise=d.noise)
+
+
+def _lines(files: dict[str, str]) -> int:
+    """Lines of code: not blank, not a comment."""
+    return sum(1 for text in files.values() for line in text.splitlines()
+               if line.strip() and not line.lstrip().startswith("#"))
 
 
 def _in_thread(fn, *args) -> Future:  # noqa: ANN001

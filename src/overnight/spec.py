@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import operator
+import re
 import sys
 from pathlib import Path
 from typing import Literal
@@ -23,10 +25,36 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+_LIMIT = re.compile(r"^\s*(<=|>=|<|>|==)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
+_OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt,
+        "==": operator.eq}
+
+
 class Objective(_Section):
     metric: str = Field(min_length=1)
     direction: Literal["lower", "higher"] = "lower"
     min_delta: float = Field(default=0.0, ge=0.0)
+    # Hard limits on other recorded metrics, e.g. { peak_vram_mb = "<= 40960" }.
+    constraints: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("constraints")
+    @classmethod
+    def _limits(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, limit in v.items():
+            if not _LIMIT.match(limit):
+                raise ValueError(f'{name} = "{limit}": write a comparison and a number, '
+                                 'e.g. "<= 40960" (one of <=, <, >=, >, ==)')
+        return v
+
+    def violated(self, metrics: dict[str, float]) -> str | None:
+        """Why these metrics break a constraint, or None."""
+        for name, limit in self.constraints.items():
+            op, number = _LIMIT.match(limit).groups()  # type: ignore[union-attr]
+            if name not in metrics:
+                return f"constraint {name} {op} {number}: the run recorded no {name}"
+            if not _OPS[op](metrics[name], float(number)):
+                return f"constraint {name} {op} {number} broken: {name} = {metrics[name]:.6g}"
+        return None
 
     def better(self, a: float, b: float) -> bool:
         """True if `a` beats `b` by more than min_delta."""
@@ -144,12 +172,23 @@ class Search(_Section):
         return v
 
 
+class Judge(_Section):
+    """How a run's number becomes a keep (judge.py)."""
+
+    mode: Literal["confirm", "greedy"] = "confirm"  # greedy: one run, keep if better
+    confidence: float = Field(default=0.95, gt=0.5, lt=1)  # one-sided, for a keep
+    baseline_runs: int = Field(default=3, ge=1)  # runs of the baseline: the first noise figure
+    max_runs: int = Field(default=3, ge=2)  # runs of one candidate before it is discarded
+    prefer_simpler: bool = False  # keep an as-good candidate with fewer lines of code
+
+
 class Spec(_Section):
     objective: Objective
     run: Run
     files: Files
     proposer: Proposer = Field(default_factory=Proposer)
     search: Search = Field(default_factory=Search)
+    judge: Judge = Field(default_factory=Judge)
     evaluate: Evaluate | None = None
     llm: LLM | None = None
     agent: Agent | None = None
