@@ -374,3 +374,19 @@ def test_resume_decides_a_candidate_left_in_confirm(make_repo, cli):
     decided = next(r for r in rs if r["id"] == cand["id"])
     assert decided["status"] == "keep", (decided["reason"], out.stdout)
     assert [r["status"] for r in rs if r["repeat_of"] == cand["id"]] == ["lost", "repeat"]
+
+
+def test_checks_gate_a_keep_decided_on_confirm_runs(make_repo, cli):
+    """A candidate decided on its repeats goes through [run] checks like any keep: the
+    checks run on a fresh copy of its commit, and failing them means checks_failed."""
+    spec = noisy_spec(0.001).replace(
+        'env = {', 'checks = "test $(grep -c 0.002 train.py) = 0"\nenv = {')
+    repo = make_repo({"train.py": NOISY_TRAIN.format(lr=0.001)}, spec)
+    out = cli("run", "-t", "k", "-n", "8", cwd=repo, timeout=120)
+    assert out.returncode == 0, out.stderr
+    rs = {r["knobs"]: r for r in rows(repo, "k") if r["repeat_of"] is None}
+    gated = rs['{"LEARNING_RATE": 0.002}']
+    assert gated["status"] == "checks_failed", gated["reason"]
+    assert [r["status"] for r in rows(repo, "k") if r["repeat_of"] == gated["id"]] == [
+        "repeat"]
+    assert gated["kept_commit"] is None
