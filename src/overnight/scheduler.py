@@ -8,7 +8,6 @@ rebuilds everything from them, marks what a dead process left running as
 from __future__ import annotations
 
 import fcntl
-import json
 import math
 import os
 import shutil
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from overnight import admission, judge
+from overnight import admission, judge, pins
 from overnight.errors import ConfigError, IntegrityHalt, OvernightError
 from overnight.executors.base import CheckResult, Executor, RunRequest, RunResult
 from overnight.judge import Decision
@@ -739,62 +738,14 @@ class Loop:
     # -- detection: the spec, the branch, the halt ---------------------------------------
 
     def _pin_spec(self) -> None:
-        """The baseline has its number: from now on this tag measures exactly this way."""
-        if self._pinned_spec() is None:
-            self.ledger.event(self.tag, "spec", _canonical(_spec_record(self.spec)))
-
-    def _pinned_spec(self) -> dict | None:
-        pins = [e for e in self.ledger.events(self.tag) if e["kind"] == "spec"]
-        return json.loads(pins[-1]["message"]) if pins else None
+        pins.pin_spec(self.ledger, self.tag, self.spec)
 
     def _check_spec(self) -> None:
-        """A resumed tag measures as its baseline did, or says why it may not (refused
-        unless --accept-spec-change; either way the change is recorded)."""
-        pinned = self._pinned_spec()
-        if pinned is None:
-            return
-        now = _spec_record(self.spec)
-        measured = _changes(pinned["measure"], now["measure"])
-        if measured and not self.accept_spec_change:
-            raise ConfigError(
-                f"overnight.toml no longer measures what tag '{self.tag}' measured when its "
-                "baseline ran, so new results would not compare with the old ones:\n  "
-                + "\n  ".join(measured) + "\nRevert the change, start a new --tag, or pass "
-                "--accept-spec-change to go on anyway (the change is recorded).")
-        for change in measured:
-            self.ledger.event(self.tag, "spec_change", f"accepted: {change}")
-            self.report.note(f"measurement changed (accepted): {change}")
-        for change in _changes(pinned.get("settings", {}), now["settings"]):
-            self.ledger.event(self.tag, "settings_change", change)
-        if pinned != now:
-            self.ledger.event(self.tag, "spec", _canonical(now))
+        pins.check_spec(self.ledger, self.tag, self.spec, self.accept_spec_change,
+                        self.report.note)
 
     def _check_branch(self) -> None:
-        """The branch is at the last recorded keep. An earlier recorded keep is a crash
-        between the ledger write and the ref update (repaired); any other commit was put
-        there by someone else: the branch is reset and the loop halts."""
-        rows = self.ledger.experiments(self.tag)
-        keeps = [r.kept_commit for r in rows if r.status == "keep" and r.kept_commit]
-        baselines = [r.kept_commit for r in rows if r.is_baseline and r.kept_commit]
-        expected = (keeps or baselines or [None])[-1]
-        if expected is None:
-            return
-        tip = self.repo.ref(branch_ref(self.tag))
-        if tip == expected:
-            return
-        self.repo.set_ref(branch_ref(self.tag), expected)
-        if tip is None or tip in keeps or tip in baselines:
-            if tip is not None:
-                self.report.note(f"branch overnight/{self.tag} moved back to the last "
-                                 "recorded keep")
-            return
-        self.ledger.event(self.tag, "branch_reset", f"{tip} -> {expected}")
-        raise IntegrityHalt(
-            f"branch overnight/{self.tag} was moved to {tip}, a commit the ledger never "
-            f"recorded (no experiment of tag '{self.tag}' was kept as it). It was reset to "
-            f"{expected}, the last recorded keep, and the loop stopped. Something outside the "
-            "loop moved it (an experiment running without a sandbox can: [run] sandbox = "
-            f'"bwrap"); `git show {tip[:12]}` shows what was put there.')
+        pins.check_branch(self.repo, self.ledger, self.tag, self.report.note)
 
     def _branch_before_keep(self, row: Row) -> None:
         """Never build a keep on a branch someone else moved; the run is redone later."""
@@ -869,51 +820,6 @@ class Loop:
             + f"Fix the script so that it prints `{self.spec.objective.metric}: <number>` "
             "and exits 0, commit, and run again."
         )
-
-
-def _spec_record(spec: Spec) -> dict[str, dict[str, object]]:
-    """The keys that define the measurement (pinned per tag) and the rest (may change)."""
-    run = spec.run
-    objective = spec.objective.model_dump(mode="json")
-    if not objective["constraints"]:
-        del objective["constraints"]  # a tag pinned before constraints existed still matches
-    measure: dict[str, object] = {
-        "objective": objective,
-        "run.command": run.command,
-        "run.budget_seconds": run.budget_seconds,
-        "run.timeout_seconds": run.timeout_seconds,
-        "run.env": dict(run.env),
-        "run.metrics_file": run.metrics_file,
-        "files": spec.files.model_dump(mode="json"),
-        "evaluate": spec.evaluate.model_dump(mode="json") if spec.evaluate else None,
-        "run.checks": run.checks,
-        "run.sandbox": run.sandbox,
-        "run.attest": run.attest,
-    }
-    dumped = spec.model_dump(mode="json")
-    if dumped.get("data") is not None:
-        measure["data"] = dumped["data"]
-    settings: dict[str, object] = {}
-    for section, values in dumped.items():
-        if section in measure or section == "data":
-            continue
-        if isinstance(values, dict):
-            for key, value in values.items():
-                if f"{section}.{key}" not in measure:
-                    settings[f"{section}.{key}"] = value
-        else:
-            settings[section] = values
-    return {"measure": measure, "settings": settings}
-
-
-def _changes(old: dict[str, object], new: dict[str, object]) -> list[str]:
-    """'key: old -> new' for every key whose value differs."""
-    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
-            for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
-
-
-def _canonical(value: object) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 @dataclass
