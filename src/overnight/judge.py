@@ -122,6 +122,25 @@ class Noise:
         return sigma <= EXACT * scale
 
 
+class Runs:
+    """Every measured run of a tag, grouped by commit (a candidate's first row id; repeats
+    name it), and the noise they show. Fed one run at a time: nothing is rescanned."""
+
+    def __init__(self) -> None:
+        self._values: dict[int, list[float]] = {}
+        self.noise = Noise()
+
+    def add(self, row_id: int, repeat_of: int | None, value: float) -> None:
+        group = repeat_of if repeat_of is not None else row_id
+        values = self._values.setdefault(group, [])
+        values.append(value)
+        self.noise.set(group, tuple(values))
+
+    def of(self, row_id: int, baseline: bool) -> Evidence:
+        """The evidence for one candidate (or the baseline: none of its runs selected it)."""
+        return Evidence(tuple(self._values.get(row_id, ())), selected=not baseline)
+
+
 def _pooled(groups: list[tuple[float, ...]]) -> tuple[float | None, int]:
     if not groups:
         return None, 0

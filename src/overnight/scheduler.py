@@ -91,8 +91,7 @@ class Loop:
         self._rejected_in_a_row = 0
         self._tails: dict[int, str] = {}  # log tails of crashed runs, for the proposer
         self.judge = judge.Judge(spec.objective, spec.judge)
-        self._measured: dict[int, list[float]] = {}  # candidate id -> its runs' values
-        self._noise = judge.Noise()  # pooled over every candidate that ran more than once
+        self._runs = judge.Runs()  # every measured run, by candidate; the noise they show
         self._waiting: set[int] = set()  # confirm candidates waiting for the noise figure
 
     # -- the main path -----------------------------------------------------------
@@ -250,10 +249,7 @@ class Loop:
         for r in rows:
             if r.metric is None or r.status not in MEASURED:
                 continue
-            group = r.repeat_of if r.repeat_of is not None else r.id
-            self._measured.setdefault(group, []).append(r.metric)
-        for group, values in self._measured.items():
-            self._noise.set(group, tuple(values))
+            self._runs.add(r.id, r.repeat_of, r.metric)
 
     def _resume_confirmations(self) -> None:
         """Confirmations a stopped run left open go on: the baseline gets the rest of its
@@ -430,7 +426,7 @@ class Loop:
         return admission.problem(admission.Rules.of(self.spec), self._files(p.parent),
                                  p.edits, by_fingerprint.get)
 
-    # -- running and recording -------------------------------------------------------
+    # -- one candidate's life: launched, run, judged, confirmed, decided, recorded ----------
 
     def _launch(self, row: Row) -> None:
         slot = self._free_slots.pop(0)
@@ -476,7 +472,7 @@ class Loop:
         if inc is None:
             decision = self.judge.baseline(run)
         else:
-            decision = self.judge.first(run, self._evidence(inc), self._noise,
+            decision = self.judge.first(run, self._evidence(inc), self._runs.noise,
                                         self._simpler(row, inc))
         if decision.status == Status.TAMPERED:
             self._tampered(row, result, decision)
@@ -486,6 +482,40 @@ class Loop:
             self._finish(row, result, decision, inc)
             if decision.status == Status.CONFIRM:
                 self._next_run(self._get(row.id))
+
+    def _decide(self, cand: Row, failed: str = "", hold: _Job | None = None) -> None:
+        """A candidate in `confirm` on all its evidence: keep (through the checks), discard,
+        or one more run (later, if the baseline's noise figure is still being measured)."""
+        inc = self._incumbent()
+        decision = self.judge.candidate(self._evidence(cand), self._evidence(inc), self._runs.noise,
+                                        self._simpler(cand, inc), failed)
+        if decision.status == Status.CONFIRM:
+            self.ledger.update(cand.id, reason=decision.reason, **_stats(decision))
+            self._next_run(self._get(cand.id))
+        elif decision.status == Status.KEEP and self._gated(cand) and hold is None:
+            self._submit_checks(None, None, cand)
+        else:
+            self._conclude(cand, decision, inc)
+
+    def _next_run(self, cand: Row) -> None:
+        """Queue the candidate's next run, unless the noise is still being measured: then
+        it waits for the baseline's runs (an exact objective needs no more runs at all)."""
+        if self._baseline_runs_pending():
+            self._waiting.add(cand.id)
+            return
+        if self._runs.noise.exact:
+            self._decide(cand)
+            return
+        self._queue_repeat(cand)
+
+    def _queue_repeat(self, cand: Row) -> None:
+        rid = self.ledger.insert(
+            self.tag, "queued", parent=cand.parent, commit_sha=cand.commit_sha,
+            is_baseline=0, description=f"repeat of #{cand.id}: {cand.description}",
+            proposer=cand.proposer, knobs=cand.knobs, repeat_of=cand.id,
+        )
+        self.repo.pin(candidate_ref(self.tag, rid), cand.commit_sha)
+        self._redo.append(self._get(rid))
 
     def _repeated(self, row: Row, result: RunResult, decision: Decision) -> None:
         """A repeat ended: record it, then decide its candidate on the new evidence."""
@@ -506,51 +536,19 @@ class Loop:
         if cand.status == Status.CONFIRM:
             self._decide(cand, failed, hold=None)
 
-    def _decide(self, cand: Row, failed: str = "", hold: _Job | None = None) -> None:
-        """A candidate in `confirm` on all its evidence: keep (through the checks), discard,
-        or one more run (later, if the baseline's noise figure is still being measured)."""
-        inc = self._incumbent()
-        decision = self.judge.candidate(self._evidence(cand), self._evidence(inc), self._noise,
-                                        self._simpler(cand, inc), failed)
-        if decision.status == Status.CONFIRM:
-            self.ledger.update(cand.id, reason=decision.reason, **_stats(decision))
-            self._next_run(self._get(cand.id))
-        elif decision.status == Status.KEEP and self._gated(cand) and hold is None:
-            self._submit_checks(None, None, cand)
-        else:
-            self._conclude(cand, decision, inc)
-
-    def _next_run(self, cand: Row) -> None:
-        """Queue the candidate's next run, unless the noise is still being measured: then
-        it waits for the baseline's runs (an exact objective needs no more runs at all)."""
-        if self._baseline_runs_pending():
-            self._waiting.add(cand.id)
-            return
-        if self._noise.exact:
-            self._decide(cand)
-            return
-        self._queue_repeat(cand)
-
-    def _queue_repeat(self, cand: Row) -> None:
-        rid = self.ledger.insert(
-            self.tag, "queued", parent=cand.parent, commit_sha=cand.commit_sha,
-            is_baseline=0, description=f"repeat of #{cand.id}: {cand.description}",
-            proposer=cand.proposer, knobs=cand.knobs, repeat_of=cand.id,
-        )
-        self.repo.pin(candidate_ref(self.tag, rid), cand.commit_sha)
-        self._redo.append(self._get(rid))
+    # -- the baseline's runs: the incumbent's estimate and the noise figure ------------
 
     def _update_baseline(self, base: Row) -> None:
         """Another run of the baseline: a better estimate of the incumbent and of the noise;
         candidates that waited for the noise figure go on once all of them are in."""
         ev = self._evidence(base)
-        sigma = self._noise.sigma
+        sigma = self._runs.noise.sigma
         self.ledger.update(base.id, estimate=ev.estimate, runs=len(ev.values), noise=sigma,
                            spread=sigma / math.sqrt(ev.n) if sigma is not None else None)
         self._get(base.id)
         if self._baseline_runs_pending():
             return
-        if self._noise.exact:
+        if self._runs.noise.exact:
             self.report.note("the baseline's runs measured exactly the same: the objective "
                              "is deterministic, so candidates are judged on one run")
         elif sigma is not None:
@@ -563,10 +561,22 @@ class Loop:
                 self._decide(cand)
         self._waiting.clear()
 
+    def _top_up_baseline(self, base: Row) -> None:
+        """The baseline runs `baseline_runs` times in all (confirm mode): the first noise
+        figure. Its repeats take free slots while the first proposals are prepared."""
+        if self.judge.greedy:
+            return
+        have = sum(1 for r in self._rows.values()
+                   if r.repeat_of == base.id and r.status not in ("lost", "rejected"))
+        for _ in range(self.spec.judge.baseline_runs - 1 - have):
+            self._queue_repeat(base)
+
     def _baseline_runs_pending(self) -> bool:
         base = self._baseline()
         return base is not None and any(
             r.repeat_of == base.id and r.status in ACTIVE for r in self._rows.values())
+
+    # -- the checks gate of a would-be keep ---------------------------------------------
 
     def _gated(self, row: Row) -> bool:
         return bool(self.spec.run.checks) and not row.is_baseline
@@ -600,42 +610,12 @@ class Loop:
         # Judge again: the incumbent may have moved while the checks ran.
         inc = self._incumbent()
         decision = self.judge.first(judge.outcome(result, self.spec.objective.metric),
-                                    self._evidence(inc), self._noise, self._simpler(row, inc))
+                                    self._evidence(inc), self._runs.noise, self._simpler(row, inc))
         self._finish(row, result, decision, inc)
         if decision.status == Status.CONFIRM:
             self._next_run(self._get(row.id))
 
-    def _verify_before_judging(self, row: Row) -> None:
-        """Judged against an incumbent nobody rewrote: the rows the judgment reads and what
-        was written since the last check (the whole ledger is checked at start and exit)."""
-        inc = self._incumbent()
-        self.ledger.verify_rows([row.id] + ([inc.id] if inc else []))
-
-    def _evidence(self, row: Row) -> judge.Evidence:
-        return judge.Evidence(tuple(self._measured.get(row.id, ())), not row.is_baseline)
-
-    def _simpler(self, row: Row, inc: Row) -> bool:
-        """Fewer lines of code than the incumbent (for [judge] prefer_simpler)."""
-        if not self.spec.judge.prefer_simpler:
-            return False
-        return _lines(self._files(row.commit_sha)) < _lines(self._files(inc.commit_sha))
-
-    def _tampered(self, row: Row, result: RunResult, decision: Decision) -> None:
-        """What ran is not what was committed: never a result. Retry once, then halt."""
-        row = self._finish(row, result, decision)
-        earlier = self._get(row.retry_of) if row.retry_of else None
-        if earlier is None or earlier.status != "tampered":
-            self.report.note(f"#{row.id} tampered: {result.tampered}; retrying it once from a "
-                             "fresh directory")
-            self._redo.insert(0, row)
-            return
-        message = (f"experiment #{row.id} was tampered with twice, so the loop stopped: "
-                   f"{result.tampered}. Find what rewrites files in .overnight/runs (a "
-                   "formatter, linter or sync tool) and stop it, or set [run] on_tamper = "
-                   '"continue" to go on without those experiments.')
-        if self.spec.run.on_tamper == "halt":
-            raise IntegrityHalt(message)
-        self.report.note(message)
+    # -- recording a decision ----------------------------------------------------------
 
     def _finish(self, row: Row, result: RunResult, decision: Decision,
                 inc: Row | None = None) -> Row:
@@ -650,9 +630,7 @@ class Loop:
             integrity=result.integrity,
         )
         if decision.metric is not None and decision.status in MEASURED:
-            group = row.repeat_of if row.repeat_of is not None else row.id
-            self._measured.setdefault(group, []).append(decision.metric)
-            self._noise.set(group, tuple(self._measured[group]))
+            self._runs.add(row.id, row.repeat_of, decision.metric)
         row = self._settle(row, decision, inc, **facts)
         self._tidy(row)
         if row.is_baseline and row.status not in ("keep", "lost", "tampered"):
@@ -682,16 +660,6 @@ class Loop:
             self.ledger.update(row.id, **update)
         return self._get(row.id)
 
-    def _top_up_baseline(self, base: Row) -> None:
-        """The baseline runs `baseline_runs` times in all (confirm mode): the first noise
-        figure. Its repeats take free slots while the first proposals are prepared."""
-        if self.judge.greedy:
-            return
-        have = sum(1 for r in self._rows.values()
-                   if r.repeat_of == base.id and r.status not in ("lost", "rejected"))
-        for _ in range(self.spec.judge.baseline_runs - 1 - have):
-            self._queue_repeat(base)
-
     def _keep_commit(self, row: Row, inc: Row, d: Decision) -> str:
         metric = self.spec.objective.metric
         value = d.estimate if d.estimate is not None else d.metric
@@ -707,6 +675,23 @@ class Loop:
         tip = self.repo.ref(branch_ref(self.tag)) or inc.kept_commit
         # The kept commit's tree is exactly the tree that was measured.
         return self.repo.commit_tree(self.repo.tree_of(row.commit_sha), tip, message)
+
+    def _tampered(self, row: Row, result: RunResult, decision: Decision) -> None:
+        """What ran is not what was committed: never a result. Retry once, then halt."""
+        row = self._finish(row, result, decision)
+        earlier = self._get(row.retry_of) if row.retry_of else None
+        if earlier is None or earlier.status != "tampered":
+            self.report.note(f"#{row.id} tampered: {result.tampered}; retrying it once from a "
+                             "fresh directory")
+            self._redo.insert(0, row)
+            return
+        message = (f"experiment #{row.id} was tampered with twice, so the loop stopped: "
+                   f"{result.tampered}. Find what rewrites files in .overnight/runs (a "
+                   "formatter, linter or sync tool) and stop it, or set [run] on_tamper = "
+                   '"continue" to go on without those experiments.')
+        if self.spec.run.on_tamper == "halt":
+            raise IntegrityHalt(message)
+        self.report.note(message)
 
     def _tidy(self, row: Row) -> None:
         """Drop work trees we need not keep (git can rebuild them); logs always stay."""
@@ -734,6 +719,23 @@ class Loop:
             self._finish(job.row, result, Decision(Status.LOST, reason=result.reason))
         self._pending.clear()
         self.ledger.mark_lost(self.tag, "interrupted (the loop was stopped)")
+
+    # -- what the judge is given ---------------------------------------------------------
+
+    def _verify_before_judging(self, row: Row) -> None:
+        """Judged against an incumbent nobody rewrote: the rows the judgment reads and what
+        was written since the last check (the whole ledger is checked at start and exit)."""
+        inc = self._incumbent()
+        self.ledger.verify_rows([row.id] + ([inc.id] if inc else []))
+
+    def _evidence(self, row: Row) -> judge.Evidence:
+        return self._runs.of(row.id, row.is_baseline)
+
+    def _simpler(self, row: Row, inc: Row) -> bool:
+        """Fewer lines of code than the incumbent (for [judge] prefer_simpler)."""
+        if not self.spec.judge.prefer_simpler:
+            return False
+        return _lines(self._files(row.commit_sha)) < _lines(self._files(inc.commit_sha))
 
     # -- detection: the spec, the branch, the halt ---------------------------------------
 
