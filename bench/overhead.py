@@ -275,14 +275,45 @@ def overnight_spec(command: str, parallel: int, seed: int, sandbox: str = "auto"
     })
 
 
+def prefill(root: Path, spec: Spec, rows: int, seed: int) -> int:
+    """A tag that has run a while: its baseline really runs (a loop of one experiment), then
+    `rows` finished experiments are written through the Ledger API as a long night would
+    leave them (discards and crashes, each with its knobs and fingerprint; no commits, so no
+    refs). Returns how many runs the tag counts now."""
+    repo = Repo(root)
+    ledger = Ledger(root / ".overnight" / "ledger.sqlite")
+    devnull = open(os.devnull, "w")
+    loop = Loop(repo, spec, ledger, LocalExecutor(1, []), "bench",
+                proposer_factory=lambda files: make_proposer(
+                    spec, files, repo, root / ".overnight" / "scratch"),
+                max_experiments=1, reporter=None, runs_root=root / ".overnight" / "runs")
+    loop.run()
+    base = ledger.experiments("bench")[0]
+    rng = random.Random(seed)
+    for i in range(rows):
+        knobs = {k: float(format_value(math.exp(rng.uniform(math.log(lo), math.log(hi)))))
+                 for k, (lo, hi) in BOUNDS.items()}
+        crash = i % 10 == 9
+        ledger.insert("bench", "crash" if crash else "discard", parent=base.commit_sha,
+                      description="prefilled", proposer="search", knobs=knobs,
+                      metric=None if crash else (base.metric or 0) + 1 + rng.random(),
+                      fingerprint=f"{rng.getrandbits(128):032x}", reason="prefilled",
+                      created_at=time.time(), finished_at=time.time())
+    counted = ledger.count("bench", exclude=("lost", "queued", "running", "rejected"))
+    ledger.close()
+    devnull.close()
+    return counted
+
+
 def run_overnight(root: Path, n: int, parallel: int, command: str, env: dict[str, str],
                   seed: int, pad_lines: int = 0, profile: bool = False,
-                  sandbox: str = "auto") -> Variant:
+                  sandbox: str = "auto", rows: int = 0) -> Variant:
     make_repo(root, pad_lines)
     os.environ.update(env)  # the runner passes LC_ALL on; BENCH_WORK_SECONDS is allowed
     spec = overnight_spec(command, parallel, seed, sandbox)
     repo = CountingRepo(root)
     Workspace(repo, spec).preflight()  # what `overnight run` does first
+    before = prefill(root, spec, rows, seed) if rows else 0
     clock = Clock()
     ledger = TimedLedger(root / ".overnight" / "ledger.sqlite", clock)
     executor = TimedExecutor(LocalExecutor(parallel, []), clock)
@@ -292,7 +323,8 @@ def run_overnight(root: Path, n: int, parallel: int, command: str, env: dict[str
     loop = Loop(repo, spec, ledger, executor, "bench",
                 proposer_factory=lambda files: make_proposer(
                     spec, files, repo, root / ".overnight" / "scratch"),
-                max_experiments=n, reporter=reporter, runs_root=root / ".overnight" / "runs")
+                max_experiments=before + n, reporter=reporter,
+                runs_root=root / ".overnight" / "runs")
     prof = cProfile.Profile() if profile else None
     t0 = time.perf_counter()
     try:
@@ -306,14 +338,16 @@ def run_overnight(root: Path, n: int, parallel: int, command: str, env: dict[str
         wall = time.perf_counter() - t0
         ledger.close()
         devnull.close()
-    if outcome.done != n:
-        print(f"  note: overnight p{parallel} counted {outcome.done} experiments, asked for {n} "
-              f"({outcome.stopped_because})", flush=True)
+    if outcome.done != before + n:
+        print(f"  note: overnight p{parallel} counted {outcome.done - before} experiments, "
+              f"asked for {n} ({outcome.stopped_because})", flush=True)
 
     exps = []
     logs = sorted((root / ".overnight" / "runs" / "bench").glob("*/run.log"))
     for key, start, exit_ in (t for log in logs for t in read_times(log)):
         eid = int(key)
+        if eid not in clock.info:
+            continue  # the prefilled tag's baseline, run before the measurement
         m, info = clock.marks[eid], clock.info[eid]
         marks = {"created": info["created"], **m}
         exps.append(Exp(key=key, slot=info["slot"], status=info["status"], start=start,
@@ -327,7 +361,8 @@ def run_overnight(root: Path, n: int, parallel: int, command: str, env: dict[str
         pstats.Stats(prof, stream=buf2).sort_stats("tottime").print_stats(15)
         text = buf.getvalue() + buf2.getvalue()
     return Variant(
-        name=f"overnight p{parallel}" + ("" if sandbox == "auto" else f" {sandbox}"),
+        name=f"overnight p{parallel}" + ("" if sandbox == "auto" else f" {sandbox}")
+        + (f" +{rows}" if rows else ""),
         slots=parallel, wall_s=wall, exps=exps,
         # slot free -> ledger row inserted (context + propose + check) -> submit (candidate
         # commit, refs, ledger) -> Popen (thread hand-off, git archive, extract) -> start
@@ -558,6 +593,10 @@ def main() -> None:
                     help="pad train.py with this many lines of never-called code (a real "
                     "train.py is hundreds of lines; knob parsing cost grows with it)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--ledger-rows", type=int, default=0, metavar="N",
+                    help="also measure overnight p1 on a tag that already holds N finished "
+                         "experiments (e.g. 10000), beside the fresh tag: cost per "
+                         "experiment should not grow with the ledger")
     ap.add_argument("--profile", action="store_true",
                     help="also run overnight p1 under cProfile and print the hot spots")
     ap.add_argument("--json", type=Path, help="write every instant measured to this file")
@@ -586,6 +625,10 @@ def main() -> None:
     makers += [(f"overnight p{p}", overnight(int(p))) for p in args.parallel.split(",")]
     # The cost of isolation: the same loop, unboxed, in the same run.
     makers.insert(2, ("overnight p1 none", overnight(1, "none")))
+    if args.ledger_rows:
+        makers.append((f"overnight p1 +{args.ledger_rows}", lambda r: run_overnight(
+            tmp / f"overnight-p1-rows-{r}", args.n, 1, command, env, args.seed + r,
+            args.pad_lines, rows=args.ledger_rows)))
     results: dict[str, list[Variant]] = defaultdict(list)
     loads = []
     prof = None

@@ -18,8 +18,9 @@ def bench(*args: str) -> str:
 
 
 def test_overhead_compares_boxed_unboxed_and_the_shell_loop():
-    text = bench(str(BENCH / "overhead.py"), "--n", "3", "--parallel", "1")
-    for row in ("shell loop p1", "overnight p1 ", "overnight p1 none"):
+    text = bench(str(BENCH / "overhead.py"), "--n", "3", "--parallel", "1",
+                 "--ledger-rows", "30")
+    for row in ("shell loop p1", "overnight p1 ", "overnight p1 none", "overnight p1 +30"):
         assert row in text, text
     assert "isolation costs" in text and "target (overnight p1)" in text
 
@@ -27,3 +28,16 @@ def test_overhead_compares_boxed_unboxed_and_the_shell_loop():
 def test_attest_measures_the_attestation():
     text = bench(str(BENCH / "attest.py"), "--rounds", "1", "--steps", "5")
     assert "attested vs plain" in text, text
+
+
+def test_noise_benchmark_prints_both_judges_side_by_side():
+    """bench/noise.py --quick: a real loop per judge on the known-truth objective."""
+    out = subprocess.run([sys.executable, str(BENCH / "noise.py"), "--quick"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if "false keeps" in line)
+    rows = [line.split() for line in lines[header + 2:header + 4]]
+    assert [r[1] for r in rows] == ["greedy", "confirm"]
+    assert all(r[0] == "0.02" and r[6] == "16" for r in rows)  # equal runs for both
+    assert rows[0][7] == "0.0" and float(rows[1][7]) >= 2  # greedy repeats nothing

@@ -21,15 +21,16 @@ from typing import Protocol
 from overnight import admission, judge, pins
 from overnight.errors import ConfigError, IntegrityHalt, OvernightError
 from overnight.executors.base import CheckResult, Executor, RunRequest, RunResult
+from overnight.history import History, experiment
 from overnight.judge import Decision
 from overnight.ledger import Ledger, Row
 from overnight.metrics import tail
-from overnight.proposers.base import Context, Experiment, Proposal, Proposer, fingerprint
+from overnight.proposers.base import Context, Proposal, Proposer, fingerprint
 from overnight.proposers.edits import knob_values
 from overnight.sandbox import redact, venv_paths
 from overnight.snapshot import Repo, branch_ref, candidate_ref
 from overnight.spec import Spec
-from overnight.status import ACTIVE, MEASURED, NOT_COUNTED, Status
+from overnight.status import MEASURED, NOT_COUNTED, Status
 from overnight.tree import Tree
 
 MAX_LOST_RETRIES = 2  # a candidate whose run is lost is redone at most this many times
@@ -89,7 +90,8 @@ class Loop:
         self._proposing: dict[Future, Context] = {}  # proposals being prepared on threads
         self._stop: str | None = None  # why no more proposals are asked for
         self._rejected_in_a_row = 0
-        self._tails: dict[int, str] = {}  # log tails of crashed runs, for the proposer
+        self._history = History()  # what the proposers are told, kept row by row
+        self._baseline_id: int | None = None  # the latest baseline row (a retry is a new one)
         self.judge = judge.Judge(spec.objective, spec.judge)
         self._runs = judge.Runs()  # every measured run, by candidate; the noise they show
         self._waiting: set[int] = set()  # confirm candidates waiting for the noise figure
@@ -218,7 +220,7 @@ class Loop:
             if killed:
                 self.report.note(f"killed {killed} orphaned process(es) of those experiments")
         rows = self.ledger.experiments(self.tag)
-        self._rows = {r.id: r for r in rows}
+        self._adopt(rows)
         self._gather_evidence(rows)
         redo = []
         if not any(r.status == "keep" for r in rows):
@@ -226,7 +228,7 @@ class Loop:
             if baseline is not None:
                 redo.append(baseline)
             rows = self.ledger.experiments(self.tag)
-            self._rows = {r.id: r for r in rows}
+            self._adopt(rows)
         self._repair_refs(rows)
         retried = {r.retry_of for r in rows if r.retry_of is not None}
         for r in rows:
@@ -243,6 +245,14 @@ class Loop:
         self._redo = redo
         self._resume_confirmations()
         return self._redo
+
+    def _adopt(self, rows: list[Row]) -> None:
+        """The tag's rows as the ledger holds them: the cache everything else reads."""
+        self._rows = {r.id: r for r in rows}
+        self._history = History()
+        for r in rows:
+            self._history.update(r)
+        self._baseline_id = max((r.id for r in rows if r.is_baseline), default=None)
 
     def _gather_evidence(self, rows: list[Row]) -> None:
         """Every measured run, grouped by the commit's first row: the judge's evidence."""
@@ -329,19 +339,17 @@ class Loop:
 
     def _context(self) -> Context:
         inc = self._incumbent()
-        rows = [r for _, r in sorted(self._rows.items())]
-        failed = [r for r in rows if r.status in ("crash", "timeout")][-10:]
-        for r in failed:
-            if r.id not in self._tails:  # a finished run's log never changes: read it once
-                # The tail goes into a model's prompt: no secret of ours may ride along.
-                self._tails[r.id] = redact(tail(Path(r.log_path), 30)) if r.log_path else ""
-        history = [_experiment(r, self._tails.get(r.id, "")) for r in rows]
+        for rid in self._history.failed_without_tail():
+            r = self._rows[rid]  # a finished run's log never changes: read once
+            # The tail goes into a model's prompt: no secret of ours may ride along.
+            log = redact(tail(Path(r.log_path), 30)) if r.log_path else ""
+            self._history.update(r, log or " ")
         objective = self.spec.objective
         return Context(
-            incumbent=_experiment(inc),
+            incumbent=experiment(inc),
             files=self._files(inc.commit_sha),
-            history=history,
-            in_flight=[e for e in history if e.status in ("queued", "running")],
+            history=self._history.experiments(),
+            in_flight=self._history.in_flight(),
             direction=objective.direction,
             slots=self.executor.slots,
             metric=objective.metric,
@@ -351,7 +359,7 @@ class Loop:
             program=self._program(),
             protected=tuple(self.spec.files.protected),
             notes=tuple(self.ledger.notes(self.tag)),
-            tried=frozenset(r.fingerprint for r in rows if r.fingerprint),
+            tried=self._history.tried,  # every fingerprint, shared (never copied)
         )
 
     def _program(self) -> str:
@@ -361,10 +369,6 @@ class Loop:
             return path.read_text(errors="replace")
         except OSError:
             return ""
-
-    def _by_fingerprint(self) -> dict[str, int]:
-        return {r.fingerprint: r.id for _, r in sorted(self._rows.items(), reverse=True)
-                if r.fingerprint}
 
     def _accept(self, proposal: Proposal | None, ctx: Context) -> Row | None:
         """Check a proposal and turn it into a candidate commit (queued) or a rejected row."""
@@ -419,12 +423,10 @@ class Loop:
         """Why a proposal must not run, or None. Nothing is spent on a rejected proposal."""
         # Compare-and-swap: the edits must apply to exactly the tree they name, one that was
         # an incumbent of this tag (a prefetched proposal may name a former one).
-        known = {r.commit_sha for r in self._rows.values() if r.status == "keep"}
-        if p.parent not in known:
+        if p.parent not in self._history.kept_commits:
             return f"stale parent {p.parent[:10]}: not an incumbent of tag {self.tag}"
-        by_fingerprint = self._by_fingerprint()
         return admission.problem(admission.Rules.of(self.spec), self._files(p.parent),
-                                 p.edits, by_fingerprint.get)
+                                 p.edits, self._history.by_fingerprint.get)
 
     # -- one candidate's life: launched, run, judged, confirmed, decided, recorded ----------
 
@@ -573,8 +575,11 @@ class Loop:
 
     def _baseline_runs_pending(self) -> bool:
         base = self._baseline()
-        return base is not None and any(
-            r.repeat_of == base.id and r.status in ACTIVE for r in self._rows.values())
+        if base is None:
+            return False
+        queued = (r.repeat_of for r in self._redo)
+        running = (job.row.repeat_of for job in self._pending.values() if not job.checks)
+        return any(of == base.id for of in (*queued, *running))
 
     # -- the checks gate of a would-be keep ---------------------------------------------
 
@@ -775,14 +780,16 @@ class Loop:
         row = self.ledger.get(experiment_id)
         if row is not None and row.tag == self.tag:
             self._rows[row.id] = row
+            self._history.update(row)
+            if row.is_baseline:
+                self._baseline_id = max(self._baseline_id or 0, row.id)
         return row
 
     def _incumbent(self) -> Row | None:
         return self.ledger.last(self.tag, "keep")  # each keep beats the one before
 
     def _baseline(self) -> Row | None:
-        rows = [r for _, r in sorted(self._rows.items()) if r.is_baseline]
-        return rows[-1] if rows else None
+        return self._rows.get(self._baseline_id) if self._baseline_id else None
 
     def _baseline_commit(self) -> str | None:
         base = self._baseline()
@@ -832,15 +839,6 @@ class _Job:
     request: RunRequest
     result: RunResult | None = None  # the run's, when these are checks of its would-be keep
     checks: bool = False  # the checks of a would-be keep, not a run
-
-
-def _experiment(r: Row, log: str = "") -> Experiment:
-    return Experiment(
-        id=r.id, commit=r.commit_sha or "", parent=r.parent, status=r.status,
-        metric=r.metric, description=r.description, knobs=r.knobs, is_baseline=r.is_baseline,
-        hypothesis=r.hypothesis, delta=r.delta, reason=r.reason,
-        runtime_knobs=r.runtime_knobs, log_tail=log, fingerprint=r.fingerprint,
-    )
 
 
 def _stats(d: Decision) -> dict[str, object]:

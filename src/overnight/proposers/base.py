@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 
@@ -29,11 +30,13 @@ class Experiment:
 
 @dataclass(frozen=True)
 class Context:
-    """Everything a proposer may know when it proposes. Rebuilt from the ledger every time."""
+    """Everything a proposer may know when it proposes, kept from the ledger row by row."""
 
     incumbent: Experiment  # the best kept experiment (the baseline at first)
     files: dict[str, str]  # editable path -> text at the incumbent's commit
-    history: list[Experiment]  # every experiment of this tag, oldest first, in-flight included
+    # Experiments of this tag, oldest first, in-flight included: the baseline, every keep, the
+    # latest failures and the 200 latest candidates (history.py), not every row ever.
+    history: list[Experiment]
     in_flight: list[Experiment]  # queued or running right now
     direction: str  # "lower" | "higher"
     slots: int  # how many experiments can run at once
@@ -44,7 +47,7 @@ class Context:
     program: str = ""  # program.md: the user's research instructions
     protected: tuple[str, ...] = ()  # files nobody may edit
     notes: tuple[str, ...] = ()  # what the user said with `overnight steer`
-    tried: frozenset[str] = frozenset()  # fingerprints of every candidate proposed so far
+    tried: AbstractSet[str] = frozenset()  # fingerprints of every candidate proposed so far
 
     def is_duplicate(self, edits: dict[str, str]) -> bool:
         """True if these edits on the incumbent give files that were already tried."""

@@ -10,7 +10,9 @@ Strategies ([search] strategy, seeded by [search] seed):
   exp(N(0, ln 2)); linear float ranges: add N(0, (hi-lo)/4); ints: +-1 or 2 steps of
   max(1, round(|v|/4)).
 - random: every knob uniform in its bounds (log-uniform on log ranges).
-- tpe: Optuna's TPE, its study rebuilt from the history on every call (see `build_study`).
+- tpe: Optuna's TPE, its study rebuilt from the history on every call (see `build_study`):
+  the bounded history of the Context (the baseline, every keep and the 200 latest
+  candidates), so its cost per proposal stops growing with the ledger.
 - grid: waves of a 3-level factorial design on two knobs at a time (cycling through the
   knobs) around the incumbent: x0.5/x2 on log ranges, +-(hi-lo)/4 on linear ones, +-1 step
   for ints; 8 points a wave (2 with a single knob). Stops when a full cycle of waves has
@@ -145,6 +147,7 @@ class SearchProposer(Proposer):
         self.ranges = _ranges(self.names, head, spec.search.bounds)
         self._rng = random.Random(spec.search.seed)  # seed None: fresh entropy
         self._pending: set[Key] = set()  # proposed here, not yet seen in ctx.history
+        self._recorded: set[Key] = set()  # every configuration seen in a context so far
         self._wave: list[Config] = []  # grid: partial configs still to try
         self._waves = 0
         self._next_axis = 0
@@ -411,10 +414,13 @@ class SearchProposer(Proposer):
 
     def _seen(self, ctx: Context, center: Config, current: dict[str, Knob]) -> set[Key]:
         """Configurations not to propose: history (any status), the incumbent, pending ones."""
+        # The context's history is bounded (the latest experiments): what this proposer has
+        # seen stays here, so a configuration is not proposed twice in its life (after a
+        # restart, the scheduler's duplicate check still refuses an old one, unrun).
         recorded = {self._recorded_key(e.knobs) for e in [*ctx.history, *ctx.in_flight]}
-        seen = {k for k in recorded if k is not None}
-        self._pending -= seen  # recorded now: the ledger remembers them for us
-        seen |= self._pending
+        self._recorded |= {k for k in recorded if k is not None}
+        self._pending -= self._recorded  # recorded now: the ledger remembers them for us
+        seen = self._recorded | self._pending
         seen.add(self._key(center))
         on_disk = self._recorded_key({n: k.value for n, k in current.items()})
         if on_disk is not None:
