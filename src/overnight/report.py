@@ -202,7 +202,8 @@ def status_view(ledger: Ledger, tag: str, objective: Objective,
     elif best and baseline and best.value is not None and baseline.value is not None:
         pct = judge.improvement_pct(objective, baseline.value, best.value)
         lines.append(Text(f"  best        #{best.id}  {fmt_value(objective, best)}"
-                          f"  ({pct:+.2f}% vs baseline, {len(keeps) - 1} kept improvements)",
+                          f"  ({pct:+.2f}% vs baseline, "
+                          f"{_plural(len(keeps) - 1, 'kept improvement')})",
                           style="green"))
         lines.append(Text(f"  branch      overnight/{tag} at {(best.kept_commit or '')[:10]}"))
     lines.extend(_noise_lines(rows, objective, judge_spec))
@@ -224,8 +225,8 @@ def status_view(ledger: Ledger, tag: str, objective: Objective,
         lines.append(Text("  running:"))
         now = time.time()
         for r in running:
-            since = f"{now - r.started_at:.0f}s" if r.started_at else "queued"
-            lines.append(Text(f"    #{r.id} slot {r.slot} {since}: {printable(r.description)}"))
+            since = f"slot {r.slot} {now - r.started_at:.0f}s" if r.started_at else "queued"
+            lines.append(Text(f"    #{r.id} {since}: {printable(r.description)}"))
     return Group(*lines)
 
 
