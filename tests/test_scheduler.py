@@ -193,7 +193,7 @@ def test_max_experiments_is_respected_and_a_rerun_tops_up(make_repo, cli):
     repo = make_repo({"train.py": train_py(0.001)}, spec_toml("perturb"))
     out = cli("run", "-t", TAG, "-n", "4", cwd=repo)
     assert out.returncode == 0, out.stderr
-    assert "reached 4 experiments" in out.stdout
+    assert "reached 4 runs" in out.stdout
     assert len(rows(repo, TAG)) == 4
 
     out = cli("run", "-t", TAG, "-n", "6", cwd=repo)  # the baseline is not redone

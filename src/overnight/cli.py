@@ -141,9 +141,10 @@ def init(
 @command
 def run(
     max_experiments: Annotated[int | None, typer.Option("--max-experiments", "-n", min=1,
-                               help="Stop after this many experiments for the tag, baseline "
-                               "included (a resumed run counts what is already done). "
-                               "Default: until stopped.")] = None,
+                               help="Stop after this many runs for the tag: the baseline's, "
+                               "candidates' and confirm runs all count, rejected proposals "
+                               "(which run nothing) do not; a resumed run counts what is "
+                               "already done. Default: until stopped.")] = None,
     parallel: Annotated[int | None, typer.Option(min=1, help="Slots running at once "
                         "(overrides parallel in overnight.toml).")] = None,
     tag: TagOpt = None,
@@ -336,7 +337,7 @@ def demo(
     directory: Annotated[Path, typer.Argument(help="Where to create the demo repository.")]
     = Path("overnight-demo"),
     max_experiments: Annotated[int, typer.Option("--max-experiments", "-n", min=1,
-                               help="Experiments to run, baseline included.")] = 10,
+                               help="Runs, the baseline's and confirm runs included.")] = 10,
     budget: Annotated[float, typer.Option(min=1, help="Training seconds per experiment.")] = 20,
 ) -> None:
     """Train a tiny GPT on CPU or GPU and improve it with the search proposer.

@@ -131,7 +131,7 @@ class Loop:
             wait([*self._pending, *self._proposing], return_when=FIRST_COMPLETED)
         self._drop_unrun()
         if self._reached_max():
-            return f"reached {self.max} experiments"
+            return f"reached {self.max} runs"
         return self._stop or "done"
 
     def _fill_slots(self) -> None:

@@ -55,7 +55,7 @@ def run_loop(ws: Workspace, console: Console, tag: str | None = None,
         tag = check_tag(tag or default_tag(ledger))
         executor = LocalExecutor(slots, gpus)
         where = f"{slots} GPU slot(s)" if gpus else f"{slots} CPU slot(s)"
-        total = f", up to {max_experiments} experiments" if max_experiments else ""
+        total = f", up to {max_experiments} runs" if max_experiments else ""
         box = sandbox.resolve(run.sandbox)
         console.print(f"[bold]overnight[/] tag [bold]{tag}[/] on {where}, budget "
                       f"{run.budget_seconds:g}s{total}, isolation {box}; branch "
