@@ -21,10 +21,11 @@ from typing import Protocol
 from overnight import admission, judge, pins
 from overnight.errors import ConfigError, IntegrityHalt, OvernightError
 from overnight.executors.base import CheckResult, Executor, RunRequest, RunResult
+from overnight.history import History, experiment
 from overnight.judge import Decision
 from overnight.ledger import Ledger, Row
 from overnight.metrics import tail
-from overnight.proposers.base import Context, Experiment, Proposal, Proposer, fingerprint
+from overnight.proposers.base import Context, Proposal, Proposer, fingerprint
 from overnight.proposers.edits import knob_values
 from overnight.sandbox import redact, venv_paths
 from overnight.snapshot import Repo, branch_ref, candidate_ref
@@ -89,7 +90,7 @@ class Loop:
         self._proposing: dict[Future, Context] = {}  # proposals being prepared on threads
         self._stop: str | None = None  # why no more proposals are asked for
         self._rejected_in_a_row = 0
-        self._tails: dict[int, str] = {}  # log tails of crashed runs, for the proposer
+        self.history = History(spec.objective.direction, _log_tail)  # what proposers see
         self.judge = judge.Judge(spec.objective, spec.judge)
         self._runs = judge.Runs()  # every measured run, by candidate; the noise they show
         self._waiting: set[int] = set()  # confirm candidates waiting for the noise figure
@@ -218,7 +219,7 @@ class Loop:
             if killed:
                 self.report.note(f"killed {killed} orphaned process(es) of those experiments")
         rows = self.ledger.experiments(self.tag)
-        self._rows = {r.id: r for r in rows}
+        self._load(rows)
         self._gather_evidence(rows)
         redo = []
         if not any(r.status == "keep" for r in rows):
@@ -226,7 +227,7 @@ class Loop:
             if baseline is not None:
                 redo.append(baseline)
             rows = self.ledger.experiments(self.tag)
-            self._rows = {r.id: r for r in rows}
+            self._load(rows)
         self._repair_refs(rows)
         retried = {r.retry_of for r in rows if r.retry_of is not None}
         for r in rows:
@@ -327,21 +328,23 @@ class Loop:
 
     # -- proposing -------------------------------------------------------------
 
+    def _load(self, rows: list[Row]) -> None:
+        """All of this tag's rows, as the ledger holds them (at start)."""
+        self._rows = {r.id: r for r in rows}
+        self.history = History(self.spec.objective.direction, _log_tail)
+        for r in rows:
+            self.history.add(r)
+
     def _context(self) -> Context:
+        """What the proposer sees: bounded (history.py), whatever the ledger's size."""
         inc = self._incumbent()
-        rows = [r for _, r in sorted(self._rows.items())]
-        failed = [r for r in rows if r.status in ("crash", "timeout")][-10:]
-        for r in failed:
-            if r.id not in self._tails:  # a finished run's log never changes: read it once
-                # The tail goes into a model's prompt: no secret of ours may ride along.
-                self._tails[r.id] = redact(tail(Path(r.log_path), 30)) if r.log_path else ""
-        history = [_experiment(r, self._tails.get(r.id, "")) for r in rows]
+        history = self.history.experiments()
         objective = self.spec.objective
         return Context(
-            incumbent=_experiment(inc),
+            incumbent=experiment(inc),
             files=self._files(inc.commit_sha),
             history=history,
-            in_flight=[e for e in history if e.status in ("queued", "running")],
+            in_flight=self.history.in_flight(),
             direction=objective.direction,
             slots=self.executor.slots,
             metric=objective.metric,
@@ -351,7 +354,9 @@ class Loop:
             program=self._program(),
             protected=tuple(self.spec.files.protected),
             notes=tuple(self.ledger.notes(self.tag)),
-            tried=frozenset(r.fingerprint for r in rows if r.fingerprint),
+            tried=self.history.tried,
+            counts=self.history.counts(),
+            omitted=len(self.history) - len(history),
         )
 
     def _program(self) -> str:
@@ -361,10 +366,6 @@ class Loop:
             return path.read_text(errors="replace")
         except OSError:
             return ""
-
-    def _by_fingerprint(self) -> dict[str, int]:
-        return {r.fingerprint: r.id for _, r in sorted(self._rows.items(), reverse=True)
-                if r.fingerprint}
 
     def _accept(self, proposal: Proposal | None, ctx: Context) -> Row | None:
         """Check a proposal and turn it into a candidate commit (queued) or a rejected row."""
@@ -419,12 +420,10 @@ class Loop:
         """Why a proposal must not run, or None. Nothing is spent on a rejected proposal."""
         # Compare-and-swap: the edits must apply to exactly the tree they name, one that was
         # an incumbent of this tag (a prefetched proposal may name a former one).
-        known = {r.commit_sha for r in self._rows.values() if r.status == "keep"}
-        if p.parent not in known:
+        if not self.history.was_incumbent(p.parent):
             return f"stale parent {p.parent[:10]}: not an incumbent of tag {self.tag}"
-        by_fingerprint = self._by_fingerprint()
         return admission.problem(admission.Rules.of(self.spec), self._files(p.parent),
-                                 p.edits, by_fingerprint.get)
+                                 p.edits, self.history.first_with)
 
     # -- one candidate's life: launched, run, judged, confirmed, decided, recorded ----------
 
@@ -775,6 +774,7 @@ class Loop:
         row = self.ledger.get(experiment_id)
         if row is not None and row.tag == self.tag:
             self._rows[row.id] = row
+            self.history.add(row)
         return row
 
     def _incumbent(self) -> Row | None:
@@ -834,13 +834,9 @@ class _Job:
     checks: bool = False  # the checks of a would-be keep, not a run
 
 
-def _experiment(r: Row, log: str = "") -> Experiment:
-    return Experiment(
-        id=r.id, commit=r.commit_sha or "", parent=r.parent, status=r.status,
-        metric=r.metric, description=r.description, knobs=r.knobs, is_baseline=r.is_baseline,
-        hypothesis=r.hypothesis, delta=r.delta, reason=r.reason,
-        runtime_knobs=r.runtime_knobs, log_tail=log, fingerprint=r.fingerprint,
-    )
+def _log_tail(path: str) -> str:
+    """The end of a failed run's log, for a model's prompt: no secret of ours rides along."""
+    return redact(tail(Path(path), 30))
 
 
 def _stats(d: Decision) -> dict[str, object]:
