@@ -12,7 +12,7 @@ proposer's Context costs the same at the ten-thousandth experiment as at the fir
   nothing, and a proposer reading it on a thread sees exactly what its Context was built on.
 - A repeat run of a candidate (`repeat_of`) is evidence for the judge, not an experiment:
   it is never in `experiments()`; its candidate carries the result of all its runs
-  (`Row.value`).
+  (`Row.value`). It is a run, though: `runs()` counts every row, repeats included.
 """
 
 from __future__ import annotations
@@ -64,6 +64,10 @@ class Tried(Set[str]):
     def __iter__(self) -> Iterator[str]:
         return iter(self._log[:self._n])
 
+    def runs(self, exclude: Set[str]) -> int:
+        """Rows of the tag, repeats included, whose status is not in `exclude`."""
+        return sum(n for status, n in self._rows_by_status.items() if status not in exclude)
+
     def __len__(self) -> int:
         return self._n
 
@@ -98,11 +102,19 @@ class History:
         self._baseline: int | None = None  # the last baseline row
         self._first: dict[str, tuple[int, int]] = {}
         self._log: list[str] = []
+        self._status: dict[int, str] = {}  # every row's status, repeats included
+        self._rows_by_status: Counter[str] = Counter()
 
     # -- feeding -----------------------------------------------------------------------
 
     def add(self, row: Row) -> None:
         """A row of the tag as the ledger holds it now (new, or changed since it was added)."""
+        was = self._status.get(row.id)
+        if was != row.status:
+            if was is not None:
+                self._rows_by_status[was] -= 1
+            self._rows_by_status[row.status] += 1
+            self._status[row.id] = row.status
         if row.fingerprint:
             entry = self._first.get(row.fingerprint)
             if entry is None:
@@ -190,6 +202,10 @@ class History:
     def counts(self) -> dict[str, int]:
         """Finished experiments by status, the baseline aside, over the whole tag."""
         return dict(self._counts)
+
+    def runs(self, exclude: Set[str]) -> int:
+        """Rows of the tag, repeats included, whose status is not in `exclude`."""
+        return sum(n for status, n in self._rows_by_status.items() if status not in exclude)
 
     def __len__(self) -> int:
         """Experiments of the tag (repeat runs are not), in flight included."""

@@ -792,8 +792,9 @@ class Loop:
         return self._incumbent() is None
 
     def _counted(self) -> int:
-        """Runs that count: repeats too (compute is compute), rejected proposals not."""
-        return self.ledger.count(self.tag, exclude=tuple(NOT_COUNTED))
+        """Runs that count: repeats too (compute is compute), rejected proposals not. From
+        the rows the loop holds (every write is reread), not a count over the whole ledger."""
+        return self.history.runs(exclude=NOT_COUNTED)
 
     def _reached_max(self) -> bool:
         if self.max is None:
