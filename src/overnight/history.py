@@ -139,7 +139,7 @@ class History:
         if e.status == Status.KEEP:
             self._keeps.remove(e.id)
             self._kept[e.commit] -= 1
-            if not self._kept[e.commit]:
+            if self._kept[e.commit] <= 0:
                 del self._kept[e.commit]
         rank = self._rank.pop(e.id, None)
         if rank is not None:
@@ -213,7 +213,7 @@ class History:
 
     def was_incumbent(self, commit: str) -> bool:
         """True if a keep of this tag has this commit."""
-        return commit in self._kept
+        return bool(commit) and commit in self._kept
 
     def get(self, experiment_id: int) -> Experiment | None:
         return self._exp.get(experiment_id)
