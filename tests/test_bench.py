@@ -35,3 +35,16 @@ def test_overhead_compares_a_fresh_tag_with_a_deep_one():
     for row in ("overnight p1 none ", "overnight p1 none +300 rows", "deep/fresh"):
         assert row in text, text
     assert "flat" in text or "GROWS" in text, text
+
+
+def test_noise_benchmark_prints_both_judges_side_by_side():
+    """bench/noise.py --quick: a real loop per judge on the known-truth objective."""
+    out = subprocess.run([sys.executable, str(BENCH / "noise.py"), "--quick"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if "false keeps" in line)
+    rows = [line.split() for line in lines[header + 2:header + 4]]
+    assert [r[1] for r in rows] == ["greedy", "confirm"]
+    assert all(r[0] == "0.02" and r[6] == "16" for r in rows)  # equal runs for both
+    assert rows[0][7] == "0.0" and float(rows[1][7]) >= 2  # greedy repeats nothing

@@ -147,7 +147,7 @@ def test_export_to_a_file(done, cli, tmp_path):
     target = tmp_path / "results.tsv"
     out = cli("export", "-o", str(target), "-t", TAG, cwd=done)
     assert out.returncode == 0, out.stderr
-    assert f"wrote {len(rows(done, TAG))} experiments" in out.stderr
+    assert f"wrote {len(rows(done, TAG))} decided candidates" in out.stderr
     assert target.read_text().startswith("commit\tval_loss\tmemory_gb\tstatus\tdescription\n")
 
 
@@ -218,10 +218,11 @@ def test_status_shows_baseline_and_best(done, cli):
     best = by_lr(done, 0.004)
     out = cli("status", cwd=done)  # the most recent tag by default
     assert out.returncode == 0, out.stderr
-    assert f"tag {TAG}: 5 experiments" in out.stdout
-    assert "discard 2, keep 3" in out.stdout
-    assert f"baseline  #{rs[0]['id']}  val_loss 1.300000" in out.stdout
-    assert f"best      #{best['id']}  val_loss 1.000000" in out.stdout
+    assert f"tag {TAG}: 5 runs: 5 candidates, 0 repeats" in out.stdout
+    assert "candidates  discard 2, keep 3" in out.stdout
+    assert f"baseline    #{rs[0]['id']}  val_loss 1.300000\n" in out.stdout  # one run: no ±
+    assert f"best        #{best['id']}  val_loss 1.000000  (" in out.stdout
+    assert "greedy judging: each keep beat its incumbent on one run" in out.stdout
     assert "+23.08% vs baseline, 2 kept improvements" in out.stdout
     assert f"overnight/{TAG} at {best['kept_commit'][:10]}" in out.stdout
 

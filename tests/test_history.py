@@ -23,7 +23,7 @@ from overnight.snapshot import Repo, candidate_ref
 from overnight.spec import load_spec, parse_spec
 
 TAG = "t"
-BOUND = RECENT + BEST + KEEPS + 1  # most recent, best, keeps, the baseline
+BOUND = RECENT + BEST + KEEPS + TAILS + 1  # most recent, best, keeps, failures, baseline
 
 
 def add(ledger: Ledger, status: str, **values: object) -> Row:
@@ -40,7 +40,41 @@ def fed(ledger: Ledger, direction: str = "lower", tail=lambda path: "") -> Histo
 # -- the history a proposer sees ------------------------------------------------------------
 
 
-def test_the_history_is_bounded_and_keeps_the_baseline_the_best_the_keeps_and_the_recent(
+def test_history_is_bounded_but_remembers_every_fingerprint(tmp_path: Path):
+    ledger = Ledger(tmp_path / "l.sqlite")
+    history = History("lower")
+
+    def add_row(status: str, **kw) -> int:  # noqa: ANN003
+        rid = ledger.insert(TAG, status, commit_sha=f"{kw.pop('n', 0):040x}", **kw)
+        history.add(ledger.get(rid))
+        return rid
+
+    base = add_row("keep", is_baseline=1, metric=1.0, fingerprint="f-base")
+    add_row("repeat", repeat_of=base, metric=1.01)
+    first = add_row("discard", metric=1.2, fingerprint="f-first")
+    kept = add_row("keep", metric=0.9, estimate=0.91, runs=2, fingerprint="f-kept", n=7)
+    crash = add_row("crash", fingerprint="f-crash")
+    for i in range(3 * RECENT):
+        add_row("discard", metric=1.1, fingerprint=f"f{i}")
+    running = add_row("running", fingerprint="f-running")
+
+    shown = history.experiments()
+    ids = [e.id for e in shown]
+    assert len(shown) <= BOUND + 1
+    assert ids == sorted(ids)
+    assert {base, kept, crash, running} <= set(ids)  # baseline, keeps, failures, in flight
+    assert first not in ids  # old and no better than 50 others: out of view
+    assert all(e.status != "repeat" for e in shown)  # a repeat is its candidate's estimate
+    assert next(e for e in shown if e.id == kept).metric == 0.91
+    assert {"f-first", "f0", "f-running"} <= history.tried  # duplicates: every one, forever
+    assert history.first_with("f-first") == first
+    assert [e.id for e in history.in_flight()] == [running]
+    assert history.was_incumbent(f"{7:040x}")
+    ledger.close()
+
+
+
+def test_the_history_keeps_the_baseline_the_best_the_keeps_the_failures_and_the_recent(
         tmp_path: Path):
     ledger = Ledger(tmp_path / "ledger.sqlite")
     base = add(ledger, "keep", is_baseline=1, metric=2.0, fingerprint="base")
@@ -59,7 +93,10 @@ def test_the_history_is_bounded_and_keeps_the_baseline_the_best_the_keeps_and_th
     assert len(seen) <= BOUND + 1 and ids == sorted(ids)
     assert {base.id, best.id, keep.id, running.id} <= set(ids)
     assert old.id not in ids
-    assert ids[-RECENT:] == list(range(running.id - RECENT + 1, running.id + 1))
+    assert set(range(running.id - RECENT + 1, running.id + 1)) <= set(ids)
+    # The latest failures, however old: their log tails say why.
+    crashes = [e.id for e in seen if e.status == "crash"]
+    assert len(crashes) == TAILS
     assert [e.id for e in history.in_flight()] == [running.id]
     # Every fingerprint, however old, is tried; the counts are the whole tag's.
     assert "old" in history.tried and "fp0" in history.tried and len(history.tried) == 1005

@@ -96,10 +96,10 @@ def test_a_clear_improvement_is_kept_on_one_confirm_run():
 
 def test_an_unclear_one_runs_again_until_max_runs():
     j = Judge(LOWER)
-    cand = Evidence((0.95, 0.97))
+    cand = Evidence((0.95, 0.99))
     noise = noise_of(BASE.values, cand.values)
     assert j.candidate(cand, BASE, noise).status == Status.CONFIRM
-    third = Evidence((0.95, 0.97, 0.99))
+    third = Evidence((0.95, 0.99, 1.01))
     d = j.candidate(third, BASE, noise_of(BASE.values, third.values))
     assert d.status == Status.DISCARD  # max_runs = 3 reached
     more = Judge(LOWER, JudgeSpec(max_runs=5)).candidate(third, BASE,

@@ -181,14 +181,15 @@ def _summary(ws, tag: str) -> None:  # noqa: ANN001
                           "`overnight doctor` says what this machine allows")
     ledger = ws.ledger()
     try:
-        console.print(status_view(ledger, tag, ws.spec.objective))
+        console.print(status_view(ledger, tag, ws.spec.objective, ws.spec.judge))
     finally:
         ledger.close()
 
 
 @command
 def status(tag: TagOpt = None, repo: RepoOpt = Path(".")) -> None:
-    """Counts by status, baseline, best, improvement, and what is running.
+    """Runs and candidates by status; baseline and best with their estimates, uncertainty
+    and number of runs; the noise; what is confirming and running.
 
     Verifies the ledger first: exit 3 if it was changed outside overnight.
     """
@@ -218,7 +219,8 @@ def export(
     tag: TagOpt = None,
     repo: RepoOpt = Path("."),
 ) -> None:
-    """Export the ledger of a tag as results.tsv or JSONL."""
+    """Export the ledger of a tag as results.tsv (one row per decided candidate, its
+    estimate as the metric) or JSONL (every row, repeats included, every field)."""
     from overnight.ledger import export_jsonl, export_tsv
     from overnight.workspace import Workspace
 
@@ -226,11 +228,14 @@ def export(
     rows = ws.tag_rows(tag)
     if format == Format.tsv:
         text = export_tsv(rows, ws.spec.objective.metric)
+        decided = text.count("\n") - 1  # less the header
+        written = f"{decided} decided candidates"
     else:
         text = export_jsonl(rows)
+        written = f"{len(rows)} experiments"
     if output:
         _write_output(output, text)
-        err_console.print(f"wrote {len(rows)} experiments to {escape(str(output))}")
+        err_console.print(f"wrote {written} to {escape(str(output))}")
     else:
         sys.stdout.write(printable(text) if sys.stdout.isatty() else text)
 
@@ -294,13 +299,21 @@ def _diff(ws, row) -> str:  # noqa: ANN001
 @command
 def show(experiment_id: Annotated[int, typer.Argument(metavar="ID")],
          repo: RepoOpt = Path(".")) -> None:
-    """One experiment: description, diff against its parent, metrics, log tail, timings."""
+    """One experiment: description, diff against its parent, its estimate and runs, metrics,
+    log tail, timings."""
     from overnight.report import show_view
     from overnight.workspace import Workspace
 
     ws = Workspace.open(repo)
     row = _row(ws, experiment_id)
-    console.print(show_view(row, ws.spec.objective, _diff(ws, row)))
+    ledger = ws.ledger()
+    try:
+        candidate = ledger.get(row.repeat_of) if row.repeat_of is not None else None
+        repeats = [r for r in ledger.experiments(row.tag) if r.repeat_of == row.id]
+    finally:
+        ledger.close()
+    console.print(show_view(row, ws.spec.objective, _diff(ws, row), candidate=candidate,
+                            repeats=repeats, judge_spec=ws.spec.judge))
 
 
 @command

@@ -3,9 +3,10 @@
 The Loop hands every row of its tag to `History.add` whenever it writes or rereads one, so a
 proposer's Context costs the same at the ten-thousandth experiment as at the first:
 
-- `experiments()`, what a proposer reads: at most RECENT + BEST + KEEPS + 1 experiments,
-  oldest first (the most recent RECENT, the BEST best measured ones, the last KEEPS keeps,
-  the baseline), plus every one queued or running. A prompt never needs 10,000 rows, and
+- `experiments()`, what a proposer reads: at most RECENT + BEST + KEEPS + TAILS + 1
+  experiments, oldest first (the most recent RECENT, the BEST best measured ones, the last
+  KEEPS keeps, the last TAILS crashes and timeouts with their log tails, the baseline), plus
+  every one queued or running. A prompt never needs 10,000 rows, and
   prompt.py trims further to fit the model's window.
 - `tried`: the fingerprint of every candidate of the tag, however old: duplicates are caught
   across the whole history. It is a frozen view of an append-only log, so taking it copies
@@ -30,7 +31,7 @@ from overnight.status import ACTIVE, Status
 RECENT = 200  # the most recent experiments a proposer sees
 BEST = 50  # the best measured experiments it sees, however old
 KEEPS = 100  # the most recent keeps it sees (each was an incumbent once)
-TAILS = 10  # failed runs whose log tails it sees
+TAILS = 10  # the latest crashed or timed-out runs it sees, with their log tails
 RANKED = frozenset({Status.KEEP, Status.DISCARD, Status.CONFIRM})  # candidates with a number
 TAILED = frozenset({Status.CRASH, Status.TIMEOUT})  # their log tails say why
 
@@ -174,7 +175,7 @@ class History:
 
     def experiments(self) -> list[Experiment]:
         """What a proposer sees, oldest first: the most recent, the best, the keeps, the
-        baseline, and everything in flight (see the module docstring)."""
+        latest failures, the baseline, and everything in flight (see the module docstring)."""
         ids = set(self._order[-RECENT:])
         ids.update(i for _, i in self._ranked[:BEST])
         ids.update(self._keeps[-KEEPS:])
@@ -183,6 +184,7 @@ class History:
             ids.add(self._baseline)
         for i in self._failed[-TAILS:]:
             self._read_tail(i)
+            ids.add(i)
         return [self._exp[i] for i in sorted(ids)]
 
     def in_flight(self) -> list[Experiment]:

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from overnight.errors import ConfigError, IntegrityHalt, OvernightError
-from overnight.status import ACTIVE, FINAL, Status  # noqa: F401 - FINAL: re-exported
+from overnight.status import ACTIVE, FINAL, TSV_STATUS, Status  # noqa: F401 - FINAL: re-exported
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS experiments (
@@ -780,17 +780,30 @@ def _head_check(replay: _Replay, head: tuple[int, str] | None, where: Path | Non
 # -- exports ------------------------------------------------------------------
 
 def export_tsv(rows: list[Row], metric: str) -> str:
-    """The karpathy/autoresearch results.tsv: commit, metric, memory_gb, status, description."""
+    """The karpathy/autoresearch results.tsv: commit, metric, memory_gb, status, description.
+
+    One row per candidate once it is decided (the baseline included), in karpathy's four
+    statuses (status.TSV_STATUS: timeout and tampered are crash, checks_failed is discard);
+    its metric is the candidate's value (the estimate from its runs when it has one). Repeat
+    runs, rejected proposals, lost runs and undecided candidates are only in the JSONL.
+    """
     buf = io.StringIO()
     w = csv.writer(buf, delimiter="\t", lineterminator="\n")
     w.writerow(["commit", metric, "memory_gb", "status", "description"])
     for r in rows:
-        value = f"{r.metric:.6f}" if r.metric is not None else "0.000000"
+        status = TSV_STATUS.get(r.status)  # a Status is a str: "keep" finds Status.KEEP
+        if status is None or r.repeat_of is not None:
+            continue
+        value = r.value
+        shown = f"{value:.6f}" if value is not None and status != "crash" else "0.000000"
         mem = f"{r.memory_gb:.1f}" if r.memory_gb is not None else "0.0"
         desc = " ".join((r.description or "").split())  # one line, no tabs
-        w.writerow([(r.commit_sha or "")[:7], value, mem, r.status, desc])
+        w.writerow([(r.commit_sha or "")[:7], shown, mem, status, desc])
     return buf.getvalue()
 
 
 def export_jsonl(rows: list[Row]) -> str:
-    return "".join(json.dumps(r.to_dict(), sort_keys=True) + "\n" for r in rows)
+    """Every row (repeats, rejected, lost and undecided ones too) with every field, and its
+    `value` (the estimate when there is one, else the metric)."""
+    return "".join(json.dumps({**r.to_dict(), "value": r.value}, sort_keys=True) + "\n"
+                   for r in rows)

@@ -13,13 +13,15 @@ from rich.text import Text
 from overnight import judge
 from overnight.ledger import Ledger, Row
 from overnight.metrics import tail
+from overnight.spec import Judge as JudgeSpec
 from overnight.spec import Objective
+from overnight.status import ACTIVE, NOT_COUNTED, Status
 from overnight.text import printable
 
 STATUS_STYLE = {
     "keep": "bold green", "discard": "yellow", "crash": "red", "timeout": "red",
     "tampered": "bold red", "rejected": "magenta", "checks_failed": "red", "lost": "dim",
-    "running": "cyan", "queued": "dim",
+    "running": "cyan", "queued": "dim", "confirm": "bold cyan", "repeat": "blue",
 }
 
 
@@ -27,29 +29,67 @@ def fmt_metric(v: float | None) -> str:
     return "-" if v is None else f"{v:.6f}"
 
 
-def fmt_delta(objective: Objective, row: Row, baseline: Row | None) -> str:
-    if row.metric is None or baseline is None or baseline.metric is None or row.is_baseline:
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def evidence(row: Row) -> str:
+    """How well a row's value is known: "± 0.0011 (3 runs, noise σ 0.0019)"; "" for a value
+    that rests on one run judged alone (greedy judging, or a first run)."""
+    if row.spread == 0:
+        return f"({_plural(max(row.runs, 1), 'run')}, exact: its repeats measure the same)"
+    if row.runs <= 1 and row.spread is None:
         return ""
-    pct = judge.improvement_pct(objective, baseline.metric, row.metric)
+    plus = f"± {row.spread:.2g} " if row.spread is not None else ""
+    noise = f", noise σ {row.noise:.2g}" if row.noise else ""
+    return f"{plus}({_plural(row.runs, 'run')}{noise})"
+
+
+def fmt_value(objective: Objective, row: Row) -> str:
+    """"val_bpb 0.991200 ± 0.0011 (3 runs, noise σ 0.0019)": the row's value and its evidence."""
+    shown = f"{objective.metric} {fmt_metric(row.value)}"
+    more = evidence(row)
+    return f"{shown} {more}" if more else shown
+
+
+def fmt_delta(objective: Objective, row: Row, baseline: Row | None) -> str:
+    if row.value is None or baseline is None or baseline.value is None or row.is_baseline:
+        return ""
+    pct = judge.improvement_pct(objective, baseline.value, row.value)
     return f"{pct:+.2f}% vs baseline"
 
 
 def result_line(objective: Objective, row: Row, best: Row | None, baseline: Row | None,
                 done: int, total: int | None) -> Text:
+    """One progress line: a decided candidate, a confirm (it runs again) or a repeat run."""
     t = Text()
     t.append(f"#{row.id:<4}", style="bold")
     t.append(f"{row.status:<9}", style=STATUS_STYLE.get(row.status, ""))
-    if row.metric is not None:
-        t.append(f"{objective.metric} {row.metric:.6f} ")
+    if row.repeat_of is not None:
+        t.append(f"repeat of #{row.repeat_of}: ")
+        if row.metric is not None:
+            t.append(f"{objective.metric} {row.metric:.6f}")
+        else:
+            t.append(f"{printable(row.reason)[:60]}", style="dim")
+    elif row.status == Status.CONFIRM:
+        t.append(f"{objective.metric} {fmt_metric(row.metric)} "
+                 f"({_plural(max(row.runs, 1), 'run')}) looks better: running again")
+        t.append(f"  {printable(row.description)[:70]}")
+    elif row.value is not None:
+        t.append(f"{fmt_value(objective, row)} ")
         t.append(f"{fmt_delta(objective, row, baseline):<20}", style="dim")
-    elif row.reason:
-        t.append(f"{printable(row.reason)[:60]:<40} ", style="dim")
-    t.append(f" {printable(row.description)[:70]}")
+        if row.reason.startswith("constraint"):
+            t.append(f" {printable(row.reason)[:70]}", style="yellow")
+        t.append(f" {printable(row.description)[:70]}")
+    else:
+        if row.reason:
+            t.append(f"{printable(row.reason)[:60]:<40} ", style="dim")
+        t.append(f" {printable(row.description)[:70]}")
     if row.duration_s is not None:
         t.append(f"  {row.duration_s:.1f}s", style="dim")
     counter = f"{done}/{total}" if total else f"{done}"
-    if best is not None and best.metric is not None:
-        t.append(f"  [{counter} done, best {best.metric:.6f}]", style="dim")
+    if best is not None and best.value is not None:
+        t.append(f"  [{counter} runs, best {best.value:.6f}]", style="dim")
     return t
 
 
@@ -94,8 +134,8 @@ class ConsoleReporter:
             table.add_row(f"#{row.id}", str(row.slot), f"{now - started:5.0f}s",
                           Text(printable(row.description)[:80]))
         counter = f"{self.done}/{self.total}" if self.total else str(self.done)
-        best = fmt_metric(self.best.metric) if self.best else "-"
-        head = Text(f"overnight/{self.tag}: {counter} experiments done, best "
+        best = fmt_metric(self.best.value) if self.best else "-"
+        head = Text(f"overnight/{self.tag}: {counter} runs done, best "
                     f"{self.objective.metric} {best}, {len(self.running)} running", style="bold")
         return Group(head, table)
 
@@ -115,49 +155,108 @@ class ConsoleReporter:
         self.console.print(Text(printable(text), style="yellow"))
 
 
-def status_view(ledger: Ledger, tag: str, objective: Objective) -> Group:
-    rows = ledger.experiments(tag)
+def _counts(rows: list[Row]) -> str:
     counts: dict[str, int] = {}
     for r in rows:
         counts[r.status] = counts.get(r.status, 0) + 1
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+
+
+def how_to_read(spec: JudgeSpec | None, keep: bool = True) -> str:
+    """What the numbers of the judge mean, in one line (`keep`: say what a keep means)."""
+    if spec is not None and spec.mode == "greedy":
+        return ("greedy judging: each keep beat its incumbent on one run, with no repeats and "
+                "so no uncertainty")
+    text = ("± is one standard error of the estimate (the mean of its runs; a candidate's first "
+            "run only selected it and is left out)")
+    if keep:
+        confidence = f" at {spec.confidence:.0%} confidence" if spec is not None else ""
+        text += f"; a keep beat its incumbent{confidence}"
+    return text
+
+
+def status_view(ledger: Ledger, tag: str, objective: Objective,
+                judge_spec: JudgeSpec | None = None) -> Group:
+    """`overnight status`: runs and candidates, baseline, best, noise, what is in flight."""
+    rows = ledger.experiments(tag)
+    ran = [r for r in rows if r.status not in NOT_COUNTED]
+    candidates = [r for r in ran if r.repeat_of is None]
+    repeats = [r for r in ran if r.repeat_of is not None]
+    uncounted = [r for r in rows if r.status in NOT_COUNTED - ACTIVE]
     baseline = next((r for r in reversed(rows) if r.is_baseline and r.status == "keep"), None)
     keeps = [r for r in rows if r.status == "keep"]
     best = keeps[-1] if keeps else None
-    lines: list = [Text(f"tag {tag}: {len(rows)} experiments", style="bold")]
-    lines.append(Text("  " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))))
+    lines: list = [Text(f"tag {tag}: {_plural(len(ran), 'run')}: "
+                        f"{_plural(len(candidates), 'candidate')}, "
+                        f"{_plural(len(repeats), 'repeat')}", style="bold")]
+    if candidates:
+        lines.append(Text(f"  candidates  {_counts(candidates)}"))
+    if repeats:
+        lines.append(Text(f"  repeats     {_counts(repeats)}"))
+    if uncounted:
+        lines.append(Text(f"  not counted {_counts(uncounted)} (no run to count)", style="dim"))
     if baseline:
-        lines.append(Text(f"  baseline  #{baseline.id}  {objective.metric} "
-                          f"{fmt_metric(baseline.metric)}"))
+        lines.append(Text(f"  baseline    #{baseline.id}  {fmt_value(objective, baseline)}"))
     if best and baseline and best.id == baseline.id:
-        lines.append(Text("  best      the baseline: no improvement kept yet"))
-    elif best and baseline and best.metric is not None and baseline.metric is not None:
-        pct = judge.improvement_pct(objective, baseline.metric, best.metric)
-        lines.append(Text(f"  best      #{best.id}  {objective.metric} {fmt_metric(best.metric)}"
-                          f"  ({pct:+.2f}% vs baseline, {len(keeps) - 1} kept improvements)",
+        lines.append(Text("  best        the baseline: no improvement kept yet"))
+    elif best and baseline and best.value is not None and baseline.value is not None:
+        pct = judge.improvement_pct(objective, baseline.value, best.value)
+        lines.append(Text(f"  best        #{best.id}  {fmt_value(objective, best)}"
+                          f"  ({pct:+.2f}% vs baseline, "
+                          f"{_plural(len(keeps) - 1, 'kept improvement')})",
                           style="green"))
-        lines.append(Text(f"  branch    overnight/{tag} at {(best.kept_commit or '')[:10]}"))
-    tokens_in = sum(r.tokens_in for r in rows)
-    tokens_out = sum(r.tokens_out for r in rows)
-    if tokens_in or tokens_out:
-        cost = sum(r.cost_usd for r in rows)
-        improvements = max(len(keeps) - 1, 0)
-        per = (f"{(tokens_in + tokens_out) / improvements:,.0f} tokens, ${cost / improvements:.2f}"
-               f" per kept improvement" if improvements else "no kept improvement yet")
-        lines.append(Text(f"  proposer  {tokens_in:,} tokens in, {tokens_out:,} out, "
-                          f"${cost:.2f}; {per}"))
+        lines.append(Text(f"  branch      overnight/{tag} at {(best.kept_commit or '')[:10]}"))
+    lines.extend(_noise_lines(rows, objective, judge_spec))
+    lines.extend(_spend_lines(rows, len(keeps)))
     given_up = [r for r in rows if r.status == "lost" and r.reason.startswith("given up")]
     if given_up:
         lines.append(Text("  given up (never measured):", style="yellow"))
         for r in given_up:
             lines.append(Text(f"    #{r.id} {r.reason}: {r.description}", style="yellow"))
-    running = [r for r in rows if r.status in ("running", "queued")]
+    confirming = [r for r in rows if r.status == Status.CONFIRM]
+    if confirming:
+        lines.append(Text("  confirming (looked better once, running again):"))
+        for r in confirming:
+            lines.append(Text(f"    #{r.id} {objective.metric} {fmt_metric(r.metric)} first, "
+                              f"{_plural(max(r.runs, 1), 'run')} so far: "
+                              f"{printable(r.description)}"))
+    running = [r for r in rows if r.status in ACTIVE]
     if running:
         lines.append(Text("  running:"))
         now = time.time()
         for r in running:
-            since = f"{now - r.started_at:.0f}s" if r.started_at else "queued"
-            lines.append(Text(f"    #{r.id} slot {r.slot} {since}: {printable(r.description)}"))
+            since = f"slot {r.slot} {now - r.started_at:.0f}s" if r.started_at else "queued"
+            lines.append(Text(f"    #{r.id} {since}: {printable(r.description)}"))
     return Group(*lines)
+
+
+def _noise_lines(rows: list[Row], objective: Objective, spec: JudgeSpec | None) -> list[Text]:
+    """The latest noise figure, and how to read the ± (when there is one to read)."""
+    out: list[Text] = []
+    measured = [r for r in rows if r.noise is not None]
+    if measured:
+        latest = max(measured, key=lambda r: (r.finished_at or 0.0, r.id))
+        if latest.noise:
+            out.append(Text(f"  noise       one run of {objective.metric} varies by σ "
+                            f"{latest.noise:.2g} (pooled over every commit that ran twice)"))
+        else:
+            out.append(Text("  noise       none: repeats measure exactly the same, so each "
+                            "candidate is judged on one run"))
+    if any(r.spread for r in rows) or (spec is not None and spec.mode == "greedy"):
+        out.append(Text(f"  reading     {how_to_read(spec)}", style="dim"))
+    return out
+
+
+def _spend_lines(rows: list[Row], keeps: int) -> list[Text]:
+    tokens_in = sum(r.tokens_in for r in rows)
+    tokens_out = sum(r.tokens_out for r in rows)
+    if not (tokens_in or tokens_out):
+        return []
+    cost = sum(r.cost_usd for r in rows)
+    improvements = max(keeps - 1, 0)
+    per = (f"{(tokens_in + tokens_out) / improvements:,.0f} tokens, ${cost / improvements:.2f}"
+           f" per kept improvement" if improvements else "no kept improvement yet")
+    return [Text(f"  proposer    {tokens_in:,} tokens in, {tokens_out:,} out, ${cost:.2f}; {per}")]
 
 
 def hypotheses_view(rows: list[Row], objective: Objective) -> Table:
@@ -174,15 +273,44 @@ def hypotheses_view(rows: list[Row], objective: Objective) -> Table:
     return table
 
 
+def _measured(row: Row, objective: Objective, repeats: list[Row],
+              spec: JudgeSpec | None) -> list[Text]:
+    """show's lines about the measurement: the value and its evidence, every run, how to
+    read them."""
+    delta = f"  (delta {row.delta:+.6f})" if row.delta is not None else ""
+    more = "" if row.repeat_of is not None else evidence(row)
+    value = row.metric if row.repeat_of is not None else row.value
+    out = [_safe(f"  {objective.metric:<12} {fmt_metric(value)}{' ' + more if more else ''}"
+                 f"{delta}")]
+    if repeats:
+        left_out = not row.is_baseline and row.spread != 0
+        first = "first, left out of the estimate" if left_out else "first"
+        runs = [f"#{row.id} {fmt_metric(row.metric)} ({first})"]
+        runs += [f"#{r.id} " + (fmt_metric(r.metric) if r.status == Status.REPEAT else r.status)
+                 for r in repeats]
+        out.append(_safe(f"  runs         {', '.join(runs)}"))
+    if more and row.spread:
+        reading = how_to_read(spec, keep=row.status == Status.KEEP and not row.is_baseline)
+        out.append(_safe(f"  reading      {reading}", style="dim"))
+    return out
+
+
 def _safe(text: str, style: str = "") -> Text:
     """A line of show's output: every field in it may come from the experiment or a model."""
     return Text(printable(text), style=style)
 
 
-def show_view(row: Row, objective: Objective, diff: str, log_lines: int = 20) -> Group:
+def show_view(row: Row, objective: Objective, diff: str, log_lines: int = 20, *,
+              candidate: Row | None = None, repeats: list[Row] | None = None,
+              judge_spec: JudgeSpec | None = None) -> Group:
+    """`overnight show ID`. `candidate`: the row a repeat run measured again; `repeats`: a
+    candidate's (or the baseline's) further runs."""
     out: list = []
     out.append(_safe(f"experiment #{row.id} ({row.tag})", style="bold"))
     out.append(_safe(f"  status       {row.status}", style=STATUS_STYLE.get(row.status, "")))
+    if row.repeat_of is not None:
+        of = f" ({candidate.status}: {candidate.description})" if candidate else ""
+        out.append(_safe(f"  repeat of    #{row.repeat_of}{of}"))
     if row.reason:
         out.append(_safe(f"  reason       {row.reason}"))
     out.append(_safe(f"  description  {row.description}"))
@@ -191,8 +319,7 @@ def show_view(row: Row, objective: Objective, diff: str, log_lines: int = 20) ->
     out.append(_safe(f"  commit       {row.commit_sha or '-'} (parent {(row.parent or '-')[:10]})"))
     if row.kept_commit and not row.is_baseline:
         out.append(_safe(f"  kept as      {row.kept_commit} on overnight/{row.tag}"))
-    out.append(_safe(f"  {objective.metric:<12} {fmt_metric(row.metric)}"
-                    + (f"  (delta {row.delta:+.6f})" if row.delta is not None else "")))
+    out.extend(_measured(row, objective, repeats or [], judge_spec))
     if row.metrics:
         shown = ", ".join(f"{k}={v:g}" for k, v in row.metrics.items())
         out.append(_safe(f"  metrics      {shown}"))

@@ -30,7 +30,7 @@ from overnight.proposers.edits import knob_values
 from overnight.sandbox import redact, venv_paths
 from overnight.snapshot import Repo, branch_ref, candidate_ref
 from overnight.spec import Spec
-from overnight.status import ACTIVE, MEASURED, NOT_COUNTED, Status
+from overnight.status import MEASURED, NOT_COUNTED, Status
 from overnight.tree import Tree
 
 MAX_LOST_RETRIES = 2  # a candidate whose run is lost is redone at most this many times
@@ -90,7 +90,8 @@ class Loop:
         self._proposing: dict[Future, Context] = {}  # proposals being prepared on threads
         self._stop: str | None = None  # why no more proposals are asked for
         self._rejected_in_a_row = 0
-        self.history = History(spec.objective.direction, _log_tail)  # what proposers see
+        self._history = History(spec.objective.direction, _log_tail)  # what proposers see
+        self._baseline_id: int | None = None  # the latest baseline row (a retry is a new one)
         self.judge = judge.Judge(spec.objective, spec.judge)
         self._runs = judge.Runs()  # every measured run, by candidate; the noise they show
         self._waiting: set[int] = set()  # confirm candidates waiting for the noise figure
@@ -219,7 +220,7 @@ class Loop:
             if killed:
                 self.report.note(f"killed {killed} orphaned process(es) of those experiments")
         rows = self.ledger.experiments(self.tag)
-        self._load(rows)
+        self._adopt(rows)
         self._gather_evidence(rows)
         redo = []
         if not any(r.status == "keep" for r in rows):
@@ -227,7 +228,7 @@ class Loop:
             if baseline is not None:
                 redo.append(baseline)
             rows = self.ledger.experiments(self.tag)
-            self._load(rows)
+            self._adopt(rows)
         self._repair_refs(rows)
         retried = {r.retry_of for r in rows if r.retry_of is not None}
         for r in rows:
@@ -244,6 +245,14 @@ class Loop:
         self._redo = redo
         self._resume_confirmations()
         return self._redo
+
+    def _adopt(self, rows: list[Row]) -> None:
+        """The tag's rows as the ledger holds them: the cache everything else reads."""
+        self._rows = {r.id: r for r in rows}
+        self._history = History(self.spec.objective.direction, _log_tail)
+        for r in rows:
+            self._history.add(r)
+        self._baseline_id = max((r.id for r in rows if r.is_baseline), default=None)
 
     def _gather_evidence(self, rows: list[Row]) -> None:
         """Every measured run, grouped by the commit's first row: the judge's evidence."""
@@ -328,23 +337,16 @@ class Loop:
 
     # -- proposing -------------------------------------------------------------
 
-    def _load(self, rows: list[Row]) -> None:
-        """All of this tag's rows, as the ledger holds them (at start)."""
-        self._rows = {r.id: r for r in rows}
-        self.history = History(self.spec.objective.direction, _log_tail)
-        for r in rows:
-            self.history.add(r)
-
     def _context(self) -> Context:
         """What the proposer sees: bounded (history.py), whatever the ledger's size."""
         inc = self._incumbent()
-        history = self.history.experiments()
+        history = self._history.experiments()
         objective = self.spec.objective
         return Context(
             incumbent=experiment(inc),
             files=self._files(inc.commit_sha),
             history=history,
-            in_flight=self.history.in_flight(),
+            in_flight=self._history.in_flight(),
             direction=objective.direction,
             slots=self.executor.slots,
             metric=objective.metric,
@@ -354,9 +356,9 @@ class Loop:
             program=self._program(),
             protected=tuple(self.spec.files.protected),
             notes=tuple(self.ledger.notes(self.tag)),
-            tried=self.history.tried,
-            counts=self.history.counts(),
-            omitted=len(self.history) - len(history),
+            tried=self._history.tried,  # every fingerprint: a frozen view, never copied
+            counts=self._history.counts(),
+            omitted=len(self._history) - len(history),
         )
 
     def _program(self) -> str:
@@ -420,10 +422,10 @@ class Loop:
         """Why a proposal must not run, or None. Nothing is spent on a rejected proposal."""
         # Compare-and-swap: the edits must apply to exactly the tree they name, one that was
         # an incumbent of this tag (a prefetched proposal may name a former one).
-        if not self.history.was_incumbent(p.parent):
+        if not self._history.was_incumbent(p.parent):
             return f"stale parent {p.parent[:10]}: not an incumbent of tag {self.tag}"
         return admission.problem(admission.Rules.of(self.spec), self._files(p.parent),
-                                 p.edits, self.history.first_with)
+                                 p.edits, self._history.first_with)
 
     # -- one candidate's life: launched, run, judged, confirmed, decided, recorded ----------
 
@@ -572,8 +574,11 @@ class Loop:
 
     def _baseline_runs_pending(self) -> bool:
         base = self._baseline()
-        return base is not None and any(
-            r.repeat_of == base.id and r.status in ACTIVE for r in self._rows.values())
+        if base is None:
+            return False
+        queued = (r.repeat_of for r in self._redo)
+        running = (job.row.repeat_of for job in self._pending.values() if not job.checks)
+        return any(of == base.id for of in (*queued, *running))
 
     # -- the checks gate of a would-be keep ---------------------------------------------
 
@@ -774,15 +779,16 @@ class Loop:
         row = self.ledger.get(experiment_id)
         if row is not None and row.tag == self.tag:
             self._rows[row.id] = row
-            self.history.add(row)
+            self._history.add(row)
+            if row.is_baseline:
+                self._baseline_id = max(self._baseline_id or 0, row.id)
         return row
 
     def _incumbent(self) -> Row | None:
         return self.ledger.last(self.tag, "keep")  # each keep beats the one before
 
     def _baseline(self) -> Row | None:
-        rows = [r for _, r in sorted(self._rows.items()) if r.is_baseline]
-        return rows[-1] if rows else None
+        return self._rows.get(self._baseline_id) if self._baseline_id else None
 
     def _baseline_commit(self) -> str | None:
         base = self._baseline()
@@ -794,7 +800,7 @@ class Loop:
     def _counted(self) -> int:
         """Runs that count: repeats too (compute is compute), rejected proposals not. From
         the rows the loop holds (every write is reread), not a count over the whole ledger."""
-        return self.history.runs(exclude=NOT_COUNTED)
+        return self._history.runs(exclude=NOT_COUNTED)
 
     def _reached_max(self) -> bool:
         if self.max is None:
