@@ -21,6 +21,15 @@ both sides are timed by the same clock at the same points.
     python bench/overhead.py --profile        # plus cProfile of overnight's loop
     python bench/overhead.py --work-seconds 1 --parallel 1 --n 30   # runs that take a while
     python bench/overhead.py --pad-lines 600 --parallel 1 --n 40    # a train.py of real length
+    python bench/overhead.py --ledger-rows 10000 --parallel 2 --n 300  # a tag 10,000 deep
+
+--ledger-rows R: the cost per experiment must not grow with the ledger. For each --parallel,
+the same loop runs N experiments on a fresh tag and on a tag whose ledger already holds R
+finished experiments (a random search's: discards, a few keeps confirmed by a repeat,
+crashes, timeouts, rejected proposals; each with its knobs, fingerprint and candidate
+commit, written through the Ledger API, the commits through one `git fast-import`), and the
+two are printed side by side (unboxed by default, --sandbox: the harness's own time is what
+could grow).
 """
 
 from __future__ import annotations
@@ -50,16 +59,19 @@ from rich.console import Console
 
 from overnight.executors.base import RunRequest, RunResult
 from overnight.executors.local import LocalExecutor
-from overnight.knobs import format_value
+from overnight.knobs import format_value, rewrite
 from overnight.ledger import FINAL, Ledger, Row
 from overnight.proposers import make_proposer
+from overnight.proposers.base import fingerprint
 from overnight.report import ConsoleReporter
 from overnight.scheduler import Loop
-from overnight.snapshot import Repo
+from overnight.snapshot import Repo, branch_ref, candidate_ref
 from overnight.spec import Spec, parse_spec
+from overnight.status import NOT_COUNTED
 from overnight.workspace import Workspace
 
 WORKLOAD = Path(__file__).resolve().parent / "workload"
+TAG = "bench"
 TARGET_MS = 50.0  # the issue's target for the median overhead per experiment
 
 # Searched knobs and bounds: wide, log-uniform, 4 significant digits -> never runs dry.
@@ -275,52 +287,26 @@ def overnight_spec(command: str, parallel: int, seed: int, sandbox: str = "auto"
     })
 
 
-def prefill(root: Path, spec: Spec, rows: int, seed: int) -> int:
-    """A tag that has run a while: its baseline really runs (a loop of one experiment), then
-    `rows` finished experiments are written through the Ledger API as a long night would
-    leave them (discards and crashes, each with its knobs and fingerprint; no commits, so no
-    refs). Returns how many runs the tag counts now."""
-    repo = Repo(root)
-    ledger = Ledger(root / ".overnight" / "ledger.sqlite")
-    devnull = open(os.devnull, "w")
-    loop = Loop(repo, spec, ledger, LocalExecutor(1, []), "bench",
-                proposer_factory=lambda files: make_proposer(
-                    spec, files, repo, root / ".overnight" / "scratch"),
-                max_experiments=1, reporter=None, runs_root=root / ".overnight" / "runs")
-    loop.run()
-    base = ledger.experiments("bench")[0]
-    rng = random.Random(seed)
-    for i in range(rows):
-        knobs = {k: float(format_value(math.exp(rng.uniform(math.log(lo), math.log(hi)))))
-                 for k, (lo, hi) in BOUNDS.items()}
-        crash = i % 10 == 9
-        ledger.insert("bench", "crash" if crash else "discard", parent=base.commit_sha,
-                      description="prefilled", proposer="search", knobs=knobs,
-                      metric=None if crash else (base.metric or 0) + 1 + rng.random(),
-                      fingerprint=f"{rng.getrandbits(128):032x}", reason="prefilled",
-                      created_at=time.time(), finished_at=time.time())
-    counted = ledger.count("bench", exclude=("lost", "queued", "running", "rejected"))
-    ledger.close()
-    devnull.close()
-    return counted
-
-
 def run_overnight(root: Path, n: int, parallel: int, command: str, env: dict[str, str],
                   seed: int, pad_lines: int = 0, profile: bool = False,
-                  sandbox: str = "auto", rows: int = 0) -> Variant:
+                  sandbox: str = "auto", ledger_rows: int = 0) -> Variant:
+    """N experiments of the loop, timed; with ledger_rows, on a tag that already holds that
+    many finished experiments (only the N new ones are measured)."""
     make_repo(root, pad_lines)
     os.environ.update(env)  # the runner passes LC_ALL on; BENCH_WORK_SECONDS is allowed
     spec = overnight_spec(command, parallel, seed, sandbox)
+    Workspace(Repo(root), spec).preflight()  # what `overnight run` does first
+    path = root / ".overnight" / "ledger.sqlite"
+    last_old = prefill(root, spec, path, ledger_rows, seed) if ledger_rows else 0
     repo = CountingRepo(root)
-    Workspace(repo, spec).preflight()  # what `overnight run` does first
-    before = prefill(root, spec, rows, seed) if rows else 0
     clock = Clock()
-    ledger = TimedLedger(root / ".overnight" / "ledger.sqlite", clock)
+    ledger = TimedLedger(path, clock)
+    before = ledger.count(TAG, exclude=tuple(NOT_COUNTED))
     executor = TimedExecutor(LocalExecutor(parallel, []), clock)
     devnull = open(os.devnull, "w")
     console = Console(file=devnull, force_terminal=False)
-    reporter = TimedReporter(ConsoleReporter(console, ledger, spec.objective, "bench", n), clock)
-    loop = Loop(repo, spec, ledger, executor, "bench",
+    reporter = TimedReporter(ConsoleReporter(console, ledger, spec.objective, TAG, n), clock)
+    loop = Loop(repo, spec, ledger, executor, TAG,
                 proposer_factory=lambda files: make_proposer(
                     spec, files, repo, root / ".overnight" / "scratch"),
                 max_experiments=before + n, reporter=reporter,
@@ -339,15 +325,15 @@ def run_overnight(root: Path, n: int, parallel: int, command: str, env: dict[str
         ledger.close()
         devnull.close()
     if outcome.done != before + n:
-        print(f"  note: overnight p{parallel} counted {outcome.done - before} experiments, "
-              f"asked for {n} ({outcome.stopped_because})", flush=True)
+        print(f"  note: overnight p{parallel} counted {outcome.done - before} experiments, asked "
+              f"for {n} ({outcome.stopped_because})", flush=True)
 
     exps = []
-    logs = sorted((root / ".overnight" / "runs" / "bench").glob("*/run.log"))
+    logs = sorted((root / ".overnight" / "runs" / TAG).glob("*/run.log"))
     for key, start, exit_ in (t for log in logs for t in read_times(log)):
         eid = int(key)
-        if eid not in clock.info:
-            continue  # the prefilled tag's baseline, run before the measurement
+        if eid <= last_old:
+            continue  # the prefill's baseline runs
         m, info = clock.marks[eid], clock.info[eid]
         marks = {"created": info["created"], **m}
         exps.append(Exp(key=key, slot=info["slot"], status=info["status"], start=start,
@@ -360,10 +346,11 @@ def run_overnight(root: Path, n: int, parallel: int, command: str, env: dict[str
         buf2 = io.StringIO()
         pstats.Stats(prof, stream=buf2).sort_stats("tottime").print_stats(15)
         text = buf.getvalue() + buf2.getvalue()
+    name = f"overnight p{parallel}" + ("" if sandbox == "auto" else f" {sandbox}")
+    if ledger_rows:
+        name += f" +{ledger_rows} rows"
     return Variant(
-        name=f"overnight p{parallel}" + ("" if sandbox == "auto" else f" {sandbox}")
-        + (f" +{rows}" if rows else ""),
-        slots=parallel, wall_s=wall, exps=exps,
+        name=name, slots=parallel, wall_s=wall, exps=exps,
         # slot free -> ledger row inserted (context + propose + check) -> submit (candidate
         # commit, refs, ledger) -> Popen (thread hand-off, git archive, extract) -> start
         dispatch_phases=["created", "submit", "popen"],
@@ -371,6 +358,138 @@ def run_overnight(root: Path, n: int, parallel: int, command: str, env: dict[str
         record_phases=["reaped", "parsed", "ledger"],
         git_calls=repo.calls, git_seconds=repo.seconds, profile=text,
     )
+
+
+# -- a tag 10,000 experiments deep -----------------------------------------------------------
+
+def prefill(root: Path, spec: Spec, path: Path, count: int, seed: int) -> int:
+    """Give tag `bench` a history of `count` finished experiments, as a long random search
+    leaves it; returns the last id written.
+
+    The baseline runs for real (its runs, the pinned spec, the branch); then every row goes
+    in through `Ledger.insert`, each candidate with a real commit and its ref (one `git
+    fast-import` for all of them), each keep on the branch, confirmed by a repeat row.
+    """
+    repo = Repo(root)
+    ledger = Ledger(path)
+    executor = LocalExecutor(1, [])
+    try:
+        Loop(repo, spec, ledger, executor, TAG,
+             proposer_factory=lambda files: make_proposer(spec, files, repo, root / "scratch"),
+             max_experiments=spec.judge.baseline_runs,
+             runs_root=root / ".overnight" / "runs").run()
+    finally:
+        executor.shutdown()
+    base = ledger.last(TAG, "keep")
+    text = repo.read_files(base.commit_sha, ["train.py"])["train.py"]
+    rows = _history(count, base, text, seed, ledger.experiments(TAG)[-1].id + 1)
+    _write_commits(root, repo.ref(branch_ref(TAG)), rows)
+    marks = {}
+    for line in (root.parent / f"{root.name}.marks").read_text().splitlines():
+        mark, sha = line.split()
+        marks[mark] = sha
+    for row in rows:
+        values = {k: v for k, v in row.items() if not k.startswith("_")}
+        if "_mark" in row:
+            values["commit_sha"] = marks[row["_mark"]]
+        if "_kept" in row:
+            values["kept_commit"] = marks[row["_kept"]]
+        if "_parent" in row:
+            values["parent"] = marks.get(row["_parent"], row["_parent"])
+        rid = ledger.insert(TAG, row["_status"], **values)
+        if rid != row["_id"]:
+            raise SystemExit(f"prefill: the ledger gave id {rid}, expected {row['_id']}")
+    ledger.close()
+    return rows[-1]["_id"]
+
+
+def _history(count: int, base: Row, text: str, seed: int, first_id: int) -> list[dict]:
+    """The rows of a random search over the bench's knobs: about 2% rejected proposals, 3%
+    crashes, 1% timeouts, the rest measured (a keep when it beats the incumbent)."""
+    rng = random.Random(seed)
+    best, parent = base.metric, base.commit_sha
+    rows: list[dict] = []
+    rid = first_id
+    while len(rows) < count:
+        knobs = {k: float(format_value(math.exp(rng.uniform(math.log(lo), math.log(hi)))))
+                 for k, (lo, hi) in BOUNDS.items()}
+        files = rewrite(text, knobs)
+        desc = ", ".join(f"{k} -> {format_value(v)}" for k, v in knobs.items())
+        row: dict = dict(_id=rid, _parent=parent, description=desc, proposer="search",
+                         hypothesis="random sample: a fresh point in the space", knobs=knobs)
+        u = rng.random()
+        now = time.time()
+        if u < 0.02:
+            row.update(_status="rejected", reason=f"duplicate of experiment #{rid - 1}: the "
+                       "same files were already tried")
+            rows.append(row)
+            rid += 1
+            continue
+        row.update(_mark=f":{rid}", _text=files, fingerprint=fingerprint({"train.py": files}),
+                   started_at=now - 0.05, finished_at=now, hardware="cpu")
+        if u < 0.05:
+            row.update(_status="crash", returncode=1, reason="exit code 1")
+        elif u < 0.06:
+            row.update(_status="timeout", returncode=-9, reason="timed out after 120 s")
+        else:
+            metric = round(1.0 + sum((math.log10(v) - c) ** 2 for v, c in
+                                     zip(knobs.values(), (-2.5, -1.0, -1.5), strict=True)), 6)
+            row.update(metric=metric, delta=metric - best, returncode=0,
+                       metrics={"val_loss": metric})
+            if metric < best:
+                row.update(_status="keep", _kept=f":{rid + 10**9}", estimate=metric, runs=2,
+                           spread=0.0, noise=0.0, reason="confirmed over 2 runs")
+                rows.append(row)
+                rows.append(dict(  # its confirm run: a row of its own, not an experiment
+                    _id=rid + 1, _status="repeat", _same=row["_mark"], _parent=parent,
+                    repeat_of=rid, description=f"repeat of #{rid}: {desc}", proposer="search",
+                    knobs=knobs, metric=metric, metrics={"val_loss": metric}, returncode=0,
+                    started_at=now, finished_at=now + 0.05))
+                best, parent = metric, row["_mark"]
+                rid += 2
+                continue
+            row.update(_status="discard", reason="not better than the incumbent")
+        rows.append(row)
+        rid += 1
+    return rows[:count]
+
+
+def _write_commits(root: Path, tip: str, rows: list[dict]) -> None:
+    """Every candidate's commit and ref, every keep's commit on the branch: one fast-import."""
+    out = io.BytesIO()
+
+    def data(text: str) -> None:
+        raw = text.encode()
+        out.write(b"data %d\n%s\n" % (len(raw), raw))
+
+    branch = tip
+    for row in rows:
+        if "_same" in row:  # a repeat runs its candidate's commit; it has a ref of its own
+            out.write(b"reset %s\nfrom %s\n\n" % (candidate_ref(TAG, row["_id"]).encode(),
+                                                   row["_same"].encode()))
+            row["_mark"] = row["_same"]
+            continue
+        if "_mark" not in row:
+            continue
+        for mark, ref, parent, message in (
+                (row["_mark"], candidate_ref(TAG, row["_id"]), row["_parent"],
+                 f"{row['description']}\n\nOvernight-Tag: {TAG}\n"
+                 f"Overnight-Experiment: {row['_id']}\n"),
+                (row.get("_kept"), branch_ref(TAG), branch,
+                 f"kept: {row['description']}\n\nOvernight-Tag: {TAG}\n")):
+            if mark is None:
+                continue
+            out.write(b"commit %s\nmark %s\ncommitter bench <bench@localhost> %d +0000\n"
+                      % (ref.encode(), mark.encode(), int(time.time())))
+            data(message)
+            out.write(b"from %s\nM 100644 inline train.py\n" % parent.encode())
+            data(row["_text"])
+            out.write(b"\n")
+        if "_kept" in row:
+            branch = row["_kept"]
+    marks = root.parent / f"{root.name}.marks"
+    subprocess.run(["git", "fast-import", "--quiet", f"--export-marks={marks}"], cwd=root,
+                   input=out.getvalue(), check=True, env={**os.environ, **GIT_IDENTITY})
 
 
 # -- the baseline: a karpathy-style bash loop ------------------------------------------------
@@ -534,14 +653,15 @@ def ms(x: float) -> str:
 
 
 def table(stats: list[Stats]) -> str:
-    head = (f"{'variant':<14} {'n':>4} {'wall s':>6} {'exp/min':>7} | "
+    w = max([14, *(len(s.name) for s in stats)])
+    head = (f"{'variant':<{w}} {'n':>4} {'wall s':>6} {'exp/min':>7} | "
             f"{'dispatch med':>12} {'p90':>6} {'max':>6} | "
             f"{'record med':>10} {'p90':>6} {'max':>6} | "
             f"{'overhead med':>12} {'p90':>6} | {'workload':>8}")
     lines = [head, "-" * len(head)]
     for s in stats:
         lines.append(
-            f"{s.name:<14} {s.n:>4} {s.wall_s:>6.1f} {s.n / s.wall_s * 60:>7.0f} | "
+            f"{s.name:<{w}} {s.n:>4} {s.wall_s:>6.1f} {s.n / s.wall_s * 60:>7.0f} | "
             f"{ms(med(s.dispatch)):>12} {ms(pct(s.dispatch, .9)):>6} {ms(max(s.dispatch)):>6} | "
             f"{ms(med(s.record)):>10} {ms(pct(s.record, .9)):>6} {ms(max(s.record)):>6} | "
             f"{ms(med(s.overhead)):>12} {ms(pct(s.overhead, .9)):>6} | "
@@ -566,6 +686,60 @@ def breakdown(s: Stats) -> str:
         out.append(f"  git processes per experiment: {sum(calls.values()) / s.n:.1f} "
                    f"({git_s / s.n * 1000:.1f} ms): {per}")
     return "\n".join(out)
+
+
+def steady_rate(s: Stats) -> float:
+    """Experiments per second from the first start to the last result recorded (the loop's
+    start-up, which reads the whole ledger once, is not in it)."""
+    exps = [e for v in s.runs for e in v.exps]
+    span = sum(max(e.recorded for e in v.exps) - min(e.start for e in v.exps)
+               for v in s.runs if v.exps)
+    return len(exps) / span if span > 0 else float("nan")
+
+
+def growth_table(pairs: list[tuple[Stats, Stats]], rows: int) -> str:
+    """Fresh tag vs a tag `rows` experiments deep, side by side, per slot count."""
+    head = (f"{'slots':>5} | {'fresh: overhead med':>19} {'p90':>6} {'exp/s':>6} | "
+            f"{f'+{rows} rows: overhead med':>25} {'p90':>6} {'exp/s':>6} | {'deep/fresh':>10} "
+            f"| verdict")
+    lines = [head, "-" * len(head)]
+    for fresh, deep in pairs:
+        a, b = med(fresh.overhead), med(deep.overhead)
+        flat = b <= 1.25 * a + 0.002  # within a quarter, or 2 ms, of the fresh tag's
+        lines.append(
+            f"{fresh.runs[0].slots:>5} | {ms(a):>19} {ms(pct(fresh.overhead, .9)):>6} "
+            f"{steady_rate(fresh):>6.1f} | {ms(b):>25} {ms(pct(deep.overhead, .9)):>6} "
+            f"{steady_rate(deep):>6.1f} | {b / a:>10.2f} | {'flat' if flat else 'GROWS'}")
+    return "\n".join(lines)
+
+
+def main_growth(args: argparse.Namespace, command: str, env: dict[str, str], tmp: Path) -> None:
+    """--ledger-rows: the same loop on a fresh tag and on a deep one, per --parallel."""
+    results: dict[str, list[Variant]] = defaultdict(list)
+    names: list[tuple[str, str]] = []
+    for p in (int(x) for x in args.parallel.split(",")):
+        for rows in (0, args.ledger_rows):
+            name = f"p{p}+{rows}"
+            if rows == 0:
+                names.append((name, f"p{p}+{args.ledger_rows}"))
+            for r in range(args.rounds):
+                print(f"round {r + 1}: overnight p{p} {args.sandbox}, {rows} rows before ...",
+                      flush=True)
+                results[name].append(run_overnight(
+                    tmp / f"overnight-p{p}-{rows}-{r}", args.n, p, command, env, args.seed + r,
+                    args.pad_lines, sandbox=args.sandbox, ledger_rows=rows))
+    pairs = [(analyse(results[a]), analyse(results[b])) for a, b in names]
+    stats = [s for pair in pairs for s in pair]
+    print()
+    print(f"harness time per experiment in ms, `{command}`, sandbox {args.sandbox}, "
+          f"n={args.n} x {args.rounds} round(s), on a fresh tag and on one whose ledger holds "
+          f"{args.ledger_rows} finished experiments")
+    print(table(stats))
+    print()
+    for s in stats:
+        print(breakdown(s))
+    print()
+    print(growth_table(pairs, args.ledger_rows))
 
 
 def machine() -> str:
@@ -593,12 +767,14 @@ def main() -> None:
                     help="pad train.py with this many lines of never-called code (a real "
                     "train.py is hundreds of lines; knob parsing cost grows with it)")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--ledger-rows", type=int, default=0, metavar="N",
-                    help="also measure overnight p1 on a tag that already holds N finished "
-                         "experiments (e.g. 10000), beside the fresh tag: cost per "
-                         "experiment should not grow with the ledger")
     ap.add_argument("--profile", action="store_true",
                     help="also run overnight p1 under cProfile and print the hot spots")
+    ap.add_argument("--ledger-rows", type=int, default=0,
+                    help="compare a fresh tag with one whose ledger already holds this many "
+                    "finished experiments (does the cost per experiment grow with the ledger?)")
+    ap.add_argument("--sandbox", choices=("none", "auto", "bwrap"), default="none",
+                    help="the sandbox of the --ledger-rows runs (default none: the harness's "
+                    "own time is what could grow)")
     ap.add_argument("--json", type=Path, help="write every instant measured to this file")
     ap.add_argument("--keep", action="store_true", help="keep the temporary repositories")
     args = ap.parse_args()
@@ -613,6 +789,14 @@ def main() -> None:
           f"{args.pad_lines} lines, {args.n} experiments per variant, {args.rounds} round(s), "
           f"repos under {tmp}")
 
+    if args.ledger_rows:
+        try:
+            main_growth(args, command, env, tmp)
+        finally:
+            if not args.keep:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return
+
     def shell(r: int) -> Variant:
         return run_shell(tmp / f"shell-{r}", args.n, command, env, args.seed + r, args.pad_lines)
 
@@ -625,10 +809,6 @@ def main() -> None:
     makers += [(f"overnight p{p}", overnight(int(p))) for p in args.parallel.split(",")]
     # The cost of isolation: the same loop, unboxed, in the same run.
     makers.insert(2, ("overnight p1 none", overnight(1, "none")))
-    if args.ledger_rows:
-        makers.append((f"overnight p1 +{args.ledger_rows}", lambda r: run_overnight(
-            tmp / f"overnight-p1-rows-{r}", args.n, 1, command, env, args.seed + r,
-            args.pad_lines, rows=args.ledger_rows)))
     results: dict[str, list[Variant]] = defaultdict(list)
     loads = []
     prof = None

@@ -18,9 +18,8 @@ def bench(*args: str) -> str:
 
 
 def test_overhead_compares_boxed_unboxed_and_the_shell_loop():
-    text = bench(str(BENCH / "overhead.py"), "--n", "3", "--parallel", "1",
-                 "--ledger-rows", "30")
-    for row in ("shell loop p1", "overnight p1 ", "overnight p1 none", "overnight p1 +30"):
+    text = bench(str(BENCH / "overhead.py"), "--n", "3", "--parallel", "1")
+    for row in ("shell loop p1", "overnight p1 ", "overnight p1 none"):
         assert row in text, text
     assert "isolation costs" in text and "target (overnight p1)" in text
 
@@ -28,6 +27,14 @@ def test_overhead_compares_boxed_unboxed_and_the_shell_loop():
 def test_attest_measures_the_attestation():
     text = bench(str(BENCH / "attest.py"), "--rounds", "1", "--steps", "5")
     assert "attested vs plain" in text, text
+
+
+def test_overhead_compares_a_fresh_tag_with_a_deep_one():
+    text = bench(str(BENCH / "overhead.py"), "--ledger-rows", "300", "--n", "4",
+                 "--parallel", "1")
+    for row in ("overnight p1 none ", "overnight p1 none +300 rows", "deep/fresh"):
+        assert row in text, text
+    assert "flat" in text or "GROWS" in text, text
 
 
 def test_noise_benchmark_prints_both_judges_side_by_side():

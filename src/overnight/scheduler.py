@@ -90,7 +90,7 @@ class Loop:
         self._proposing: dict[Future, Context] = {}  # proposals being prepared on threads
         self._stop: str | None = None  # why no more proposals are asked for
         self._rejected_in_a_row = 0
-        self._history = History()  # what the proposers are told, kept row by row
+        self._history = History(spec.objective.direction, _log_tail)  # what proposers see
         self._baseline_id: int | None = None  # the latest baseline row (a retry is a new one)
         self.judge = judge.Judge(spec.objective, spec.judge)
         self._runs = judge.Runs()  # every measured run, by candidate; the noise they show
@@ -249,9 +249,9 @@ class Loop:
     def _adopt(self, rows: list[Row]) -> None:
         """The tag's rows as the ledger holds them: the cache everything else reads."""
         self._rows = {r.id: r for r in rows}
-        self._history = History()
+        self._history = History(self.spec.objective.direction, _log_tail)
         for r in rows:
-            self._history.update(r)
+            self._history.add(r)
         self._baseline_id = max((r.id for r in rows if r.is_baseline), default=None)
 
     def _gather_evidence(self, rows: list[Row]) -> None:
@@ -338,17 +338,14 @@ class Loop:
     # -- proposing -------------------------------------------------------------
 
     def _context(self) -> Context:
+        """What the proposer sees: bounded (history.py), whatever the ledger's size."""
         inc = self._incumbent()
-        for rid in self._history.failed_without_tail():
-            r = self._rows[rid]  # a finished run's log never changes: read once
-            # The tail goes into a model's prompt: no secret of ours may ride along.
-            log = redact(tail(Path(r.log_path), 30)) if r.log_path else ""
-            self._history.update(r, log or " ")
+        history = self._history.experiments()
         objective = self.spec.objective
         return Context(
             incumbent=experiment(inc),
             files=self._files(inc.commit_sha),
-            history=self._history.experiments(),
+            history=history,
             in_flight=self._history.in_flight(),
             direction=objective.direction,
             slots=self.executor.slots,
@@ -359,7 +356,9 @@ class Loop:
             program=self._program(),
             protected=tuple(self.spec.files.protected),
             notes=tuple(self.ledger.notes(self.tag)),
-            tried=self._history.tried,  # every fingerprint, shared (never copied)
+            tried=self._history.tried,  # every fingerprint: a frozen view, never copied
+            counts=self._history.counts(),
+            omitted=len(self._history) - len(history),
         )
 
     def _program(self) -> str:
@@ -423,10 +422,10 @@ class Loop:
         """Why a proposal must not run, or None. Nothing is spent on a rejected proposal."""
         # Compare-and-swap: the edits must apply to exactly the tree they name, one that was
         # an incumbent of this tag (a prefetched proposal may name a former one).
-        if p.parent not in self._history.kept_commits:
+        if not self._history.was_incumbent(p.parent):
             return f"stale parent {p.parent[:10]}: not an incumbent of tag {self.tag}"
         return admission.problem(admission.Rules.of(self.spec), self._files(p.parent),
-                                 p.edits, self._history.by_fingerprint.get)
+                                 p.edits, self._history.first_with)
 
     # -- one candidate's life: launched, run, judged, confirmed, decided, recorded ----------
 
@@ -780,7 +779,7 @@ class Loop:
         row = self.ledger.get(experiment_id)
         if row is not None and row.tag == self.tag:
             self._rows[row.id] = row
-            self._history.update(row)
+            self._history.add(row)
             if row.is_baseline:
                 self._baseline_id = max(self._baseline_id or 0, row.id)
         return row
@@ -799,8 +798,9 @@ class Loop:
         return self._incumbent() is None
 
     def _counted(self) -> int:
-        """Runs that count: repeats too (compute is compute), rejected proposals not."""
-        return self.ledger.count(self.tag, exclude=tuple(NOT_COUNTED))
+        """Runs that count: repeats too (compute is compute), rejected proposals not. From
+        the rows the loop holds (every write is reread), not a count over the whole ledger."""
+        return self._history.runs(exclude=NOT_COUNTED)
 
     def _reached_max(self) -> bool:
         if self.max is None:
@@ -839,6 +839,11 @@ class _Job:
     request: RunRequest
     result: RunResult | None = None  # the run's, when these are checks of its would-be keep
     checks: bool = False  # the checks of a would-be keep, not a run
+
+
+def _log_tail(path: str) -> str:
+    """The end of a failed run's log, for a model's prompt: no secret of ours rides along."""
+    return redact(tail(Path(path), 30))
 
 
 def _stats(d: Decision) -> dict[str, object]:

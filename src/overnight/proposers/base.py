@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Set as AbstractSet
+from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
 
 
@@ -30,12 +30,15 @@ class Experiment:
 
 @dataclass(frozen=True)
 class Context:
-    """Everything a proposer may know when it proposes, kept from the ledger row by row."""
+    """Everything a proposer may know when it proposes, built from the ledger for every
+    proposal. Its history is bounded (overnight/history.py): a proposal costs the same at
+    the ten-thousandth experiment as at the first; `tried` alone covers the whole tag."""
 
     incumbent: Experiment  # the best kept experiment (the baseline at first)
     files: dict[str, str]  # editable path -> text at the incumbent's commit
-    # Experiments of this tag, oldest first, in-flight included: the baseline, every keep, the
-    # latest failures and the 200 latest candidates (history.py), not every row ever.
+    # This tag's experiments, oldest first, in-flight included: the most recent ones, the
+    # best, the keeps and the baseline (history.py says how many). Repeat runs of a candidate
+    # are not experiments: the candidate's metric is its estimate from all its runs.
     history: list[Experiment]
     in_flight: list[Experiment]  # queued or running right now
     direction: str  # "lower" | "higher"
@@ -47,7 +50,12 @@ class Context:
     program: str = ""  # program.md: the user's research instructions
     protected: tuple[str, ...] = ()  # files nobody may edit
     notes: tuple[str, ...] = ()  # what the user said with `overnight steer`
-    tried: AbstractSet[str] = frozenset()  # fingerprints of every candidate proposed so far
+    # Fingerprints of every candidate of the tag, however old (not only those in history).
+    tried: Set[str] = frozenset()
+    # Finished experiments by status over the whole tag, the baseline aside ({}: unknown,
+    # count `history` instead).
+    counts: Mapping[str, int] = field(default_factory=dict)
+    omitted: int = 0  # older experiments of the tag that are not in `history`
 
     def is_duplicate(self, edits: dict[str, str]) -> bool:
         """True if these edits on the incumbent give files that were already tried."""

@@ -240,6 +240,9 @@ class _Builder:
         if gone:
             history += (f"\n\n({len(gone)} older experiments are left out here to fit the "
                         "context window.)")
+        if self.ctx.omitted:
+            history += (f"\n\n({self.ctx.omitted} older experiments are not shown: only the "
+                        "most recent, the best and the kept ones are.)")
         return "\n\n".join(s for s in (self.head, history, self.foot) if s)
 
     # -- fixed sections ----------------------------------------------------------------
@@ -332,10 +335,11 @@ class _Builder:
             lines.append(f"  Description: {_one_line(inc.description)}")
             if inc.hypothesis:
                 lines.append(f"  Hypothesis: {_one_line(inc.hypothesis)}")
-        counts: dict[str, int] = {}
-        for e in self.past:
-            if not e.is_baseline:
-                counts[e.status] = counts.get(e.status, 0) + 1
+        counts = dict(ctx.counts)  # the whole tag's, when the scheduler counted them
+        if not counts:
+            for e in self.past:
+                if not e.is_baseline:
+                    counts[e.status] = counts.get(e.status, 0) + 1
         if counts:
             summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
             lines.append(f"- Finished experiments: {summary}")

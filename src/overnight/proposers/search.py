@@ -10,19 +10,23 @@ Strategies ([search] strategy, seeded by [search] seed):
   exp(N(0, ln 2)); linear float ranges: add N(0, (hi-lo)/4); ints: +-1 or 2 steps of
   max(1, round(|v|/4)).
 - random: every knob uniform in its bounds (log-uniform on log ranges).
-- tpe: Optuna's TPE, its study rebuilt from the history on every call (see `build_study`):
-  the bounded history of the Context (the baseline, every keep and the 200 latest
-  candidates), so its cost per proposal stops growing with the ledger.
+- tpe: Optuna's TPE, its study rebuilt from the history on every call (see `build_study`),
+  from a bounded part of it: the TPE_BEST best measured trials of the Context and its
+  TPE_RECENT most recent other ones, plus everything in flight. TPE's good set is the best
+  trials, so the best are kept whatever their age; its cost per proposal stays flat however
+  long the tag runs.
 - grid: waves of a 3-level factorial design on two knobs at a time (cycling through the
   knobs) around the incumbent: x0.5/x2 on log ranges, +-(hi-lo)/4 on linear ones, +-1 step
   for ints; 8 points a wave (2 with a single knob). Stops when a full cycle of waves has
   nothing new.
 
-State lives in the ledger: each call sees the whole history in its Context and never proposes
-a configuration already tried (any status, in flight included) or equal to the incumbent;
-after 50 draws without a new one it returns None. What is kept in memory (the grid's current
-wave, proposals not yet recorded in the history) only avoids repeats between records; a
-proposer rebuilt after a restart loses nothing the ledger holds.
+State lives in the ledger: a proposal is never a configuration already tried (any status,
+in flight included) or equal to the incumbent; after 50 draws without a new one it returns
+None. The configurations recorded are gathered from the Context's history incrementally (only
+entries newer than the last call's); older ones than a Context holds (it is bounded) are
+caught by their fingerprint, in `ctx.tried`, which covers the whole tag. What is kept in
+memory (the grid's current wave, proposals not yet recorded in the history) only avoids
+repeats between records; a proposer rebuilt after a restart loses nothing the ledger holds.
 
 Default bounds, from the value a knob has at HEAD (override with `[search] bounds`):
 
@@ -42,14 +46,14 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass
 from itertools import product
 from typing import TYPE_CHECKING, Literal
 
 from overnight.errors import ConfigError
 from overnight.knobs import Knob, format_value, python_files, read_knobs, rewrite
-from overnight.proposers.base import Context, Experiment, Proposal, Proposer
+from overnight.proposers.base import Context, Experiment, Proposal, Proposer, fingerprint
 from overnight.spec import Spec
 from overnight.status import ACTIVE, FAILED, MEASURED, Status
 
@@ -57,6 +61,8 @@ if TYPE_CHECKING:
     import optuna
 
 MAX_TRIES = 50  # draws per proposal before concluding nothing new is left
+TPE_BEST = 25  # tpe: the best measured trials it is given, however old
+TPE_RECENT = 75  # tpe: the most recent other finished trials it is given
 COMPLETE_STATUSES = MEASURED - {Status.REPEAT}  # candidates with a number
 FAIL_STATUSES = FAILED
 IN_FLIGHT_STATUSES = ACTIVE
@@ -147,7 +153,8 @@ class SearchProposer(Proposer):
         self.ranges = _ranges(self.names, head, spec.search.bounds)
         self._rng = random.Random(spec.search.seed)  # seed None: fresh entropy
         self._pending: set[Key] = set()  # proposed here, not yet seen in ctx.history
-        self._recorded: set[Key] = set()  # every configuration seen in a context so far
+        self._recorded: set[Key] = set()  # configurations seen in the history (or tried)
+        self._newest: int | None = None  # the newest experiment id gathered into _recorded
         self._wave: list[Config] = []  # grid: partial configs still to try
         self._waves = 0
         self._next_axis = 0
@@ -161,7 +168,7 @@ class SearchProposer(Proposer):
         current = read_knobs(python_files(ctx.files))
         center = self._incumbent_values(ctx, current)
         seen = self._seen(ctx, center, current)
-        strategies: dict[str, Callable[[Context, Config, set[Key]], tuple[Config, str] | None]]
+        strategies: dict[str, Callable[[Context, Config, _Seen], tuple[Config, str] | None]]
         strategies = {
             "perturb": self._perturb,
             "random": self._random,
@@ -177,7 +184,7 @@ class SearchProposer(Proposer):
 
     # --- strategies: each returns (config, hypothesis) or None -------------------------------
 
-    def _perturb(self, ctx: Context, center: Config, seen: set[Key]) -> tuple[Config, str] | None:
+    def _perturb(self, ctx: Context, center: Config, seen: _Seen) -> tuple[Config, str] | None:
         """Local moves of one knob (70%) or two around the incumbent."""
         base = self._inside(center)
 
@@ -197,30 +204,31 @@ class SearchProposer(Proposer):
 
         return self._first_new(draw, seen)
 
-    def _random(self, ctx: Context, center: Config, seen: set[Key]) -> tuple[Config, str] | None:
+    def _random(self, ctx: Context, center: Config, seen: _Seen) -> tuple[Config, str] | None:
         """Every knob drawn afresh, uniform (log-uniform on log ranges) within bounds."""
 
         def draw() -> tuple[Config, str]:
             config = {n: self.ranges[n].snap(self._uniform(self.ranges[n])) for n in self.names}
-            return config, f"random sample #{len(ctx.history) + 1}: a fresh point in the space"
+            number = len(ctx.history) + ctx.omitted + 1
+            return config, f"random sample #{number}: a fresh point in the space"
 
         return self._first_new(draw, seen)
 
-    def _tpe(self, ctx: Context, center: Config, seen: set[Key]) -> tuple[Config, str] | None:
+    def _tpe(self, ctx: Context, center: Config, seen: _Seen) -> tuple[Config, str] | None:
         """Optuna TPE over a study rebuilt from ctx.history on every call."""
         study = self.build_study(ctx)
         self.study = study
-        number = len(study.trials) + 1
+        number = len(ctx.history) + ctx.omitted + 1
         distributions = self._distributions()
         for _ in range(MAX_TRIES):
             trial = study.ask(distributions)
             config = {n: self.ranges[n].snap(trial.params[n]) for n in self.names}
-            if self._key(config) not in seen:
+            if config not in seen:
                 return config, f"tpe sample #{number}: where TPE expects to {self._goal(ctx)}"
             # A duplicate stays RUNNING: the constant liar then steers the next ask away.
         return None
 
-    def _grid(self, ctx: Context, center: Config, seen: set[Key]) -> tuple[Config, str] | None:
+    def _grid(self, ctx: Context, center: Config, seen: _Seen) -> tuple[Config, str] | None:
         """Waves of a 3-level factorial design on up to two knobs around the incumbent."""
         base = self._inside(center)
         # Each wave varies different knobs; a full cycle with nothing new means we are done.
@@ -235,19 +243,21 @@ class SearchProposer(Proposer):
             # A wave holds only its own knobs, so it follows an incumbent that moved meanwhile.
             partial = self._wave.pop(0)
             config = {**base, **partial}
-            if self._key(config) not in seen:
+            if config not in seen:
                 varied = " and ".join(partial)
                 return config, f"grid wave #{self._waves}: vary {varied} around the incumbent"
 
     # --- tpe -------------------------------------------------------------------------------
 
     def build_study(self, ctx: Context) -> optuna.Study:
-        """A fresh in-memory study holding every finished and in-flight experiment of ctx.
+        """A fresh in-memory study of ctx's experiments: the TPE_BEST best measured, the
+        TPE_RECENT most recent other finished ones, and everything in flight.
 
         Rebuilding on each call keeps the study a pure function of the ledger: a proposer
-        started after a restart sees exactly the trials the old one saw. In-flight
-        experiments (and proposals not yet recorded) go in as RUNNING trials, which the
-        constant-liar TPE treats as bad results, so parallel proposals spread out.
+        started after a restart sees exactly the trials the old one saw. Bounding it keeps
+        TPE's cost per proposal flat however long the tag runs. In-flight experiments (and
+        proposals not yet recorded) go in as RUNNING trials, which the constant-liar TPE
+        treats as bad results, so parallel proposals spread out.
         """
         import optuna
         from optuna.trial import TrialState, create_trial
@@ -282,19 +292,25 @@ class SearchProposer(Proposer):
         in_flight_ids = {e.id for e in ctx.in_flight}
         history_ids = {e.id for e in ctx.history}
         experiments = [*ctx.history, *(e for e in ctx.in_flight if e.id not in history_ids)]
-        trials: list[tuple[Config, TrialState, float | None]] = []
+        running: list[tuple[Config, TrialState, float | None]] = []
+        finished: list[tuple[int, Config, TrialState, float | None]] = []
         for e in experiments:
             params = self._params(e)
             if params is None:
                 continue  # missing knobs or outside the search space
             if e.status in IN_FLIGHT_STATUSES or e.id in in_flight_ids:
-                trials.append((params, TrialState.RUNNING, None))
+                running.append((params, TrialState.RUNNING, None))
             elif e.status in COMPLETE_STATUSES and _finite(e.metric):
-                trials.append((params, TrialState.COMPLETE, e.metric))
+                finished.append((e.id, params, TrialState.COMPLETE, e.metric))
             elif e.status in FAIL_STATUSES:
-                trials.append((params, TrialState.FAIL, None))
+                finished.append((e.id, params, TrialState.FAIL, None))
             # lost, rejected, tampered: nothing was measured that we can trust
-        return trials
+        sign = 1.0 if ctx.direction == "lower" else -1.0
+        complete = [t for t in finished if t[2] == TrialState.COMPLETE]
+        best = {t[0] for t in sorted(complete, key=lambda t: sign * t[3])[:TPE_BEST]}
+        recent = {t[0] for t in [t for t in finished if t[0] not in best][-TPE_RECENT:]}
+        kept = [t[1:] for t in finished if t[0] in best or t[0] in recent]
+        return [*kept, *running]
 
     def _params(self, e: Experiment) -> Config | None:
         """The experiment's knob values as trial params, or None if it does not fit."""
@@ -350,11 +366,11 @@ class SearchProposer(Proposer):
     # --- shared helpers --------------------------------------------------------------------
 
     def _first_new(
-        self, draw: Callable[[], tuple[Config, str]], seen: set[Key]
+        self, draw: Callable[[], tuple[Config, str]], seen: _Seen
     ) -> tuple[Config, str] | None:
         for _ in range(MAX_TRIES):
             config, hypothesis = draw()
-            if self._key(config) not in seen:
+            if config not in seen:
                 return config, hypothesis
         return None
 
@@ -412,42 +428,80 @@ class SearchProposer(Proposer):
             values[name] = int(v) if int_kind else v
         return values
 
-    def _seen(self, ctx: Context, center: Config, current: dict[str, Knob]) -> set[Key]:
-        """Configurations not to propose: history (any status), the incumbent, pending ones."""
-        # The context's history is bounded (the latest experiments): what this proposer has
-        # seen stays here, so a configuration is not proposed twice in its life (after a
-        # restart, the scheduler's duplicate check still refuses an old one, unrun).
-        recorded = {self._recorded_key(e.knobs) for e in [*ctx.history, *ctx.in_flight]}
-        self._recorded |= {k for k in recorded if k is not None}
-        self._pending -= self._recorded  # recorded now: the ledger remembers them for us
-        seen = self._recorded | self._pending
-        seen.add(self._key(center))
+    def _seen(self, ctx: Context, center: Config, current: dict[str, Knob]) -> _Seen:
+        """Configurations not to propose: recorded ones (any status), pending ones, the
+        incumbent, the files on disk, and any whose files were tried (`ctx.tried`)."""
+        newest = self._newest
+        fresh = []
+        for e in reversed(ctx.history):  # oldest first: the new entries are at the end
+            if newest is not None and e.id <= newest:
+                break
+            fresh.append(e)
+        fresh += [e for e in ctx.in_flight if newest is None or e.id > newest]
+        for e in fresh:
+            key = self._recorded_key(e.knobs)
+            if key is not None:
+                self._recorded.add(key)
+                self._pending.discard(key)  # recorded now: the ledger remembers it for us
+            self._newest = e.id if self._newest is None else max(self._newest, e.id)
+        also = {self._key(center)}
         on_disk = self._recorded_key({n: k.value for n, k in current.items()})
         if on_disk is not None:
-            seen.add(on_disk)
-        return seen
+            also.add(on_disk)
+
+        def seen(config: Config) -> bool:
+            key = self._key(config)
+            return key in self._recorded or key in self._pending or key in also \
+                or self._tried(ctx, current, config)
+
+        return _Seen(seen)
+
+    def _tried(self, ctx: Context, current: dict[str, Knob], config: Config) -> bool:
+        """True if the files this config gives were tried already, however long ago (the
+        Context's history is bounded; its `tried` is not). Remembered if so."""
+        if not ctx.tried:
+            return False
+        edits = self._edits(ctx, current, config)
+        if fingerprint({**ctx.files, **edits}) not in ctx.tried:
+            return False
+        self._recorded.add(self._key(config))
+        return True
 
     def _proposal(
         self, ctx: Context, current: dict[str, Knob], config: Config, hypothesis: str
     ) -> Proposal:
+        described = [f"{name} {_show(current[name].value)} -> {_show(config[name])}"
+                     for name in self.names if current[name].value != config[name]]
+        return Proposal(
+            parent=ctx.incumbent.commit,
+            edits=self._edits(ctx, current, config),
+            description=", ".join(described),
+            hypothesis=hypothesis,
+            knobs=dict(config),
+        )
+
+
+    def _edits(self, ctx: Context, current: dict[str, Knob], config: Config) -> dict[str, str]:
+        """The editable files that change when the incumbent's knobs become `config`."""
         changes: dict[str, dict[str, int | float]] = {}
-        described = []
         for name in self.names:
             knob = current.get(name)
             if knob is None:
                 raise ConfigError(f"knob {name} is not in the incumbent's files any more")
             if knob.value != config[name]:
                 changes.setdefault(knob.path, {})[name] = config[name]
-                described.append(f"{name} {_show(knob.value)} -> {_show(config[name])}")
         edits = {path: rewrite(ctx.files[path], vals) for path, vals in changes.items()}
-        edits = {path: text for path, text in edits.items() if text != ctx.files[path]}
-        return Proposal(
-            parent=ctx.incumbent.commit,
-            edits=edits,
-            description=", ".join(described),
-            hypothesis=hypothesis,
-            knobs=dict(config),
-        )
+        return {path: text for path, text in edits.items() if text != ctx.files[path]}
+
+
+@dataclass(frozen=True)
+class _Seen(Container[Config]):
+    """`config in seen`: a configuration not to propose (see SearchProposer._seen)."""
+
+    test: Callable[[Config], bool]
+
+    def __contains__(self, config: object) -> bool:
+        return isinstance(config, dict) and self.test(config)
 
 
 # --- module helpers ------------------------------------------------------------------------
