@@ -390,3 +390,10 @@ def test_checks_gate_a_keep_decided_on_confirm_runs(make_repo, cli):
     assert [r["status"] for r in rows(repo, "k") if r["repeat_of"] == gated["id"]] == [
         "repeat"]
     assert gated["kept_commit"] is None
+
+
+def test_a_first_run_better_only_within_the_noise_says_so():
+    d = Judge(LOWER).first(ok(0.995), BASE, NOISY)
+    assert d.status == Status.DISCARD
+    assert d.reason.startswith("better than the incumbent 1 by 0.005, within the noise: a "
+                               "confirm run needs 0.0231")

@@ -246,8 +246,13 @@ class Judge:
             return Decision(Status.CONFIRM, value, delta,
                             "as good as the incumbent within the noise and simpler: running "
                             "it again", runs=1, noise=noise.sigma)
-        return Decision(Status.DISCARD, value, delta, self._not_better(inc), runs=1,
-                        noise=noise.sigma)
+        gain = self._gain(value, inc) - self.objective.min_delta
+        reason = self._not_better(inc)
+        if gain > 0:
+            reason = (f"better than the incumbent {inc:.6g} by {gain:.3g}, within the noise: a "
+                      f"confirm run needs {self._screen(incumbent, noise):.3g} (one standard "
+                      "error of the difference)")
+        return Decision(Status.DISCARD, value, delta, reason, runs=1, noise=noise.sigma)
 
     def repeat(self, run: Outcome) -> Decision:
         """A further run of a candidate or of the baseline: a measurement, or a failure."""

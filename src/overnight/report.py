@@ -80,6 +80,8 @@ def result_line(objective: Objective, row: Row, best: Row | None, baseline: Row 
         t.append(f"{fmt_delta(objective, row, baseline):<20}", style="dim")
         if row.reason.startswith("constraint"):
             t.append(f" {printable(row.reason)[:70]}", style="yellow")
+        elif row.status == Status.DISCARD and "within the noise" in row.reason:
+            t.append(" (within the noise)", style="yellow")
         t.append(f" {printable(row.description)[:70]}")
     else:
         if row.reason:
