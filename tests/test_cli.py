@@ -134,7 +134,9 @@ def test_export_tsv_has_the_autoresearch_columns(done, cli):
     assert len(lines) == 1 + len(rs)
     for line, r in zip(lines[1:], rs, strict=True):
         commit, metric, memory, status, description = line.split("\t")
-        assert commit == r["commit_sha"][:7]
+        # A keep: the commit on the branch (autoresearch's meaning); else the candidate's.
+        named = r["kept_commit"] if r["status"] == "keep" else r["commit_sha"]
+        assert commit == named[:7]
         assert float(metric) == pytest.approx(r["metric"])
         assert float(memory) >= 0
         assert status == r["status"]

@@ -97,7 +97,7 @@ def test_tsv_has_one_row_per_decided_candidate_in_karpathys_statuses(story):
     assert parsed[0] == ["commit", "val_bpb", "memory_gb", "status", "description"]
     assert [(c, m, s, d) for c, m, _, s, d in parsed[1:]] == [
         ("bbbbbbb", "1.001000", "keep", "baseline"),  # the estimate of its 3 runs
-        ("ccccccc", "0.991200", "keep", "wider MLP"),  # not its selecting draw 0.985
+        ("kkkkkkk", "0.991200", "keep", "wider MLP"),  # kept commit; not its first draw
         ("eeeeeee", "0.970000", "discard", "huge batch"),  # a constraint broken
         ("1111111", "0.995100", "discard", "no dropout"),
         ("2222222", "0.000000", "crash", "deeper"),  # timeout
@@ -310,5 +310,7 @@ def test_a_noisy_run_reads_through_the_cli(noisy, cli):
     lines = out.stdout.splitlines()[1:]
     decided = [r for r in rs if r["repeat_of"] is None
                and r["status"] not in ("rejected", "lost", "confirm", "queued", "running")]
-    assert [line.split("\t")[0] for line in lines] == [r["commit_sha"][:7] for r in decided]
+    named = [(r["kept_commit"] if r["status"] == "keep" else r["commit_sha"])[:7]
+             for r in decided]  # a keep by its commit on the branch
+    assert [line.split("\t")[0] for line in lines] == named
     assert lines[0].split("\t")[1] == f"{base['estimate']:.6f}"

@@ -798,7 +798,10 @@ def export_tsv(rows: list[Row], metric: str) -> str:
         shown = f"{value:.6f}" if value is not None and status != "crash" else "0.000000"
         mem = f"{r.memory_gb:.1f}" if r.memory_gb is not None else "0.0"
         desc = " ".join((r.description or "").split())  # one line, no tabs
-        w.writerow([(r.commit_sha or "")[:7], shown, mem, status, desc])
+        # A keep is named by the commit that stays on overnight/<tag>, as in autoresearch's
+        # own file; anything else by the candidate commit that ran.
+        commit = r.kept_commit if r.status == "keep" and r.kept_commit else r.commit_sha
+        w.writerow([(commit or "")[:7], shown, mem, status, desc])
     return buf.getvalue()
 
 
