@@ -79,8 +79,9 @@ def spec_record(spec: Spec) -> dict[str, dict[str, object]]:
     """The keys that define the measurement (pinned per tag) and the rest (may change)."""
     run = spec.run
     objective = spec.objective.model_dump(mode="json")
-    if not objective["constraints"]:
-        del objective["constraints"]  # a tag pinned before constraints existed still matches
+    for key in ("constraints", "pattern"):
+        if not objective[key]:
+            del objective[key]  # a tag pinned before these keys existed still matches
     measure: dict[str, object] = {
         "objective": objective,
         "run.command": run.command,

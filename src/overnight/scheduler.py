@@ -456,6 +456,7 @@ class Loop:
             hidden=(self.repo.root, self.runs_root),
             devices=tuple(run.devices), project_venv=venv if venv.is_dir() else None,
             tmp_bytes=run.tmp_size_mb << 20, max_processes=run.max_processes,
+            objective=self.spec.objective.metric, pattern=self.spec.objective.pattern,
         )
 
     def _record(self, job: _Job, result: RunResult) -> None:

@@ -36,6 +36,24 @@ class Objective(_Section):
     min_delta: float = Field(default=0.0, ge=0.0)
     # Hard limits on other recorded metrics, e.g. { peak_vram_mb = "<= 40960" }.
     constraints: dict[str, str] = Field(default_factory=dict)
+    # For output that does not print `metric: value`: a regular expression whose one group is
+    # the value, e.g. "val loss ([0-9.]+)" for `step 750: train loss 2.21, val loss 2.37`.
+    # The last match in the output wins.
+    pattern: str | None = None
+
+    @field_validator("pattern")
+    @classmethod
+    def _one_group(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            compiled = re.compile(v)
+        except re.error as e:
+            raise ValueError(f"{v!r} is not a regular expression: {e}") from None
+        if compiled.groups != 1:
+            raise ValueError(f"{v!r} must have exactly one group, around the number (it has "
+                             f"{compiled.groups}), e.g. \"val loss ([0-9.]+)\"")
+        return v
 
     @field_validator("constraints")
     @classmethod

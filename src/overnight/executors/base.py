@@ -39,6 +39,10 @@ class RunRequest:
     project_venv: Path | None = None  # the repository's .venv, for `uv run`
     tmp_bytes: int = 4 << 30  # size of the box's private /tmp and /dev/shm, each
     max_processes: int = 4096  # processes (and threads) a run may have at once
+    # The objective's name and, for output that does not say `name: value`, a regular
+    # expression whose one group is the value (the last match wins).
+    objective: str | None = None
+    pattern: str | None = None
 
     @property
     def commit(self) -> str:

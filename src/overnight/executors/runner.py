@@ -14,6 +14,7 @@ same on a worker node that has no repository.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -92,7 +93,7 @@ def _run(req: RunRequest, cancel: threading.Event, hardware: str, gpu: str | Non
     env, withheld = _env(req, gpu)
     if req.attest:
         env.update(attest_env(req.attest_path, req.workdir, env.get("PYTHONPATH")))
-    stream = MetricStream()
+    stream = _stream(req)
     listeners = [stream.feed] + ([on_output] if on_output else [])
     launch = Launch.of(req, req.command, req.workdir, req.log_path, req.timeout_seconds,
                        req.tree, writable=[req.artifacts, req.attest_path.parent],
@@ -320,6 +321,13 @@ def _metrics_file(workdir: Path, name: str, into: Metrics) -> str | None:
         return f"metrics file {name}: {e}"
 
 
+def _stream(req: RunRequest) -> MetricStream:
+    """The output's metrics as they stream; with [objective] pattern, the objective too."""
+    if req.pattern and req.objective:
+        return MetricStream(req.objective, re.compile(req.pattern))
+    return MetricStream()
+
+
 def _evaluate(req: RunRequest, mode: str, result: RunResult, env: dict[str, str],
               cancel: threading.Event) -> None:
     """The trusted evaluator decides the metrics: what the script printed is set aside. It
@@ -327,7 +335,7 @@ def _evaluate(req: RunRequest, mode: str, result: RunResult, env: dict[str, str]
     tree = req.evaluate_tree or req.tree
     where = _scratch(req.run_dir, "eval-", tree)
     log = req.run_dir / "eval.log"
-    stream = MetricStream()
+    stream = _stream(req)
     launch = Launch.of(req, req.evaluate or "", where, log, req.evaluate_timeout, tree,
                        listeners=[stream.feed])
     launch.readable.append(req.artifacts)
