@@ -446,5 +446,16 @@ def test_bound_for_a_knob_that_is_not_searched() -> None:
 
 
 def test_no_knobs_at_all() -> None:
-    with pytest.raises(ConfigError, match="no knobs found"):
+    with pytest.raises(ConfigError, match="no knobs found") as e:
         SearchProposer(make_spec(), {"train.py": "print('hi')\n"})
+    assert "lowercase" not in str(e.value)
+
+
+def test_lowercase_globals_are_named_in_the_no_knobs_error() -> None:
+    """nanoGPT's hyperparameters are lowercase globals: the error says why they are not
+    knobs and what to do."""
+    train = "learning_rate = 6e-4\nbeta2 = 0.99\nout_dir = 'out'\nmax_iters = 5000\n"
+    with pytest.raises(ConfigError, match=r"learning_rate, beta2, max_iters are lowercase: "
+                                          r"knobs are UPPER_CASE names") as e:
+        SearchProposer(make_spec(), {"train.py": train})
+    assert "out_dir" not in str(e.value)

@@ -507,15 +507,40 @@ class _Seen(Container[Config]):
 # --- module helpers ------------------------------------------------------------------------
 
 
+def _lowercase_numbers(files: dict[str, str]) -> list[str]:
+    """Module-level `name = <number>` with a lowercase name (nanoGPT's style): not knobs."""
+    import ast
+
+    found: list[str] = []
+    for path in python_files(files):
+        try:
+            tree = ast.parse(files[path])
+        except (SyntaxError, ValueError):
+            continue
+        for node in tree.body:
+            if (isinstance(node, ast.Assign) and len(node.targets) == 1
+                    and isinstance(node.targets[0], ast.Name)
+                    and not node.targets[0].id.isupper()
+                    and isinstance(node.value, ast.Constant)
+                    and type(node.value.value) in (int, float)):
+                found.append(node.targets[0].id)
+    return found
+
+
 def _searched_names(
     wanted: list[str] | None, head: dict[str, Knob], files: dict[str, str]
 ) -> list[str]:
     available = sorted(head)
     if not available:
         where = ", ".join(sorted(files)) or "no files"
+        lower = _lowercase_numbers(files)
+        hint = (f"; {', '.join(lower[:8])} {'is a' if len(lower) == 1 else 'are'} lowercase: "
+                "knobs are UPPER_CASE names (rename them, or let a model edit the code: "
+                '[proposer] kind = "llm" or "agent")' if lower else "")
         raise ConfigError(
             f"no knobs found in the editable files ({where}): the search proposer tunes "
-            f"top-level constants such as `LEARNING_RATE = 3e-4`"
+            f"top-level numeric constants with UPPER_CASE names, such as "
+            f"`LEARNING_RATE = 3e-4`{hint}"
         )
     if wanted is None:
         return list(head)  # source order: the order the user reads them in
