@@ -7,11 +7,12 @@ from conftest import rows, spec_toml, train_py
 
 from overnight.admission import Rules, problem
 from overnight.proposers.base import fingerprint
+from overnight.spec import Bound
 
 TRAIN = train_py(0.001)
 YAML = "batch_size: 32\nwarmup: 100\n"
 RULES = Rules(editable=("train.py", "config.yaml"), protected=("prepare.py",),
-              bounds={"LEARNING_RATE": (1e-4, 1e-2)})
+              bounds={"LEARNING_RATE": Bound(low=1e-4, high=1e-2)})
 BASE = {"train.py": TRAIN, "config.yaml": YAML}
 
 

@@ -298,7 +298,7 @@ def mixed_history(files: dict[str, str]) -> list[Experiment]:
         knobs = {
             "LEARNING_RATE": float(f"{10 ** rng.uniform(-4, -2.5):.4g}"),
             "BATCH_SIZE": rng.randint(16, 64),
-            "WEIGHT_DECAY": round(rng.uniform(-1, 1), 3),
+            "WEIGHT_DECAY": round(rng.uniform(0, 1), 3),  # 0.0 at HEAD: stays >= 0
             "DEPTH": rng.randint(1, 16),
         }
         if i % 7 == 0:
@@ -456,6 +456,51 @@ def test_lowercase_globals_are_named_in_the_no_knobs_error() -> None:
     knobs and what to do."""
     train = "learning_rate = 6e-4\nbeta2 = 0.99\nout_dir = 'out'\nmax_iters = 5000\n"
     with pytest.raises(ConfigError, match=r"learning_rate, beta2, max_iters are lowercase: "
-                                          r"knobs are UPPER_CASE names") as e:
+                                          r"name the ones to tune in \[search\] knobs") as e:
         SearchProposer(make_spec(), {"train.py": train})
     assert "out_dir" not in str(e.value)
+    assert 'knobs = ["learning_rate", "beta2", "max_iters"]' in str(e.value)
+
+
+def test_lowercase_knobs_when_named() -> None:
+    """Named in [search] knobs, nanoGPT's lowercase globals are knobs; others stay out."""
+    train = "learning_rate = 6e-4\nbeta2 = 0.99\nout_dir = 'out'\nmax_iters = 5000\n"
+    spec = make_spec(strategy="perturb", knobs=["learning_rate", "beta2"],
+                     bounds={"beta2": {"low": 0.9, "high": 0.999, "scale": "log1m"}})
+    proposer = SearchProposer(spec, {"train.py": train})
+    assert proposer.names == ["learning_rate", "beta2"]
+    ctx = first_context({"train.py": train})
+    for _ in range(20):
+        p = proposer.propose(ctx)
+        assert p is not None
+        assert "max_iters = 5000" in p.edits["train.py"]
+        assert 0.9 <= p.knobs["beta2"] <= 0.999
+
+
+def test_log1m_scale_spreads_proposals_between_the_bounds() -> None:
+    """On a log scale beta2 in [0.9, 0.999] sat on a bound; on log(1 - x) it spreads."""
+    train = "BETA2 = 0.99\n"
+    spec = make_spec(strategy="random", bounds={"BETA2": {"low": 0.9, "high": 0.999,
+                                                          "scale": "log1m"}}, seed=3)
+    proposer = SearchProposer(spec, {"train.py": train})
+    ctx = first_context({"train.py": train})
+    values = [proposer.propose(ctx).knobs["BETA2"] for _ in range(40)]
+    near_bounds = [v for v in values if v < 0.91 or v > 0.998]
+    assert len(near_bounds) < 12, values
+    assert any(v > 0.995 for v in values) and any(v < 0.95 for v in values)
+
+
+def test_pow2_knob_stays_a_power_of_two() -> None:
+    train = "BATCH_SIZE = 128\n"
+    for strategy in ("perturb", "random", "tpe", "grid"):
+        spec = make_spec(strategy=strategy, seed=1,
+                         bounds={"BATCH_SIZE": {"low": 32, "high": 512, "scale": "pow2"}})
+        proposer = SearchProposer(spec, {"train.py": train})
+        ctx = first_context({"train.py": train})
+        seen = set()
+        for _ in range(4):
+            p = proposer.propose(ctx)
+            if p is None:
+                break
+            seen.add(p.knobs["BATCH_SIZE"])
+        assert seen and seen <= {32, 64, 256, 512}, (strategy, seen)

@@ -28,7 +28,7 @@ def test_good_spec_and_defaults():
     assert spec.objective.min_delta == 0.0
     assert spec.run.parallel == 1
     assert spec.proposer.kind == "search"
-    assert spec.search.bounds["LR"] == (1e-5, 1.0)
+    assert (spec.search.bounds["LR"].low, spec.search.bounds["LR"].high) == (1e-5, 1.0)
     assert spec.objective.better(0.9, 1.0) and not spec.objective.better(1.0, 1.0)
 
 

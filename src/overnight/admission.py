@@ -19,21 +19,22 @@ from dataclasses import dataclass, field
 
 from overnight import regions
 from overnight.errors import OvernightError
-from overnight.knobs import python_files, read_knobs
+from overnight.knobs import Scope, python_files, read_knobs
 from overnight.proposers.base import fingerprint
-from overnight.spec import Spec
+from overnight.spec import Bound, Spec
 
 
 @dataclass(frozen=True)
 class Rules:
     editable: tuple[str, ...]
     protected: tuple[str, ...] = ()
-    bounds: dict[str, tuple[float, float]] = field(default_factory=dict)
+    bounds: dict[str, Bound] = field(default_factory=dict)
+    scope: Scope = Scope()
 
     @classmethod
     def of(cls, spec: Spec) -> Rules:
         return cls(tuple(spec.files.editable), tuple(spec.files.protected),
-                   dict(spec.search.bounds))
+                   dict(spec.search.bounds), Scope.of(spec))
 
 
 def problem(rules: Rules, base: Mapping[str, str], edits: Mapping[str, str],
@@ -59,7 +60,7 @@ def problem(rules: Rules, base: Mapping[str, str], edits: Mapping[str, str],
         why = _syntax(path, base.get(path, ""), text)
         if why:
             return why
-    return _bounds(rules.bounds, base, edits)
+    return _bounds(rules, base, edits)
 
 
 def _syntax(path: str, old: str, new: str) -> str | None:
@@ -79,20 +80,23 @@ def _syntax(path: str, old: str, new: str) -> str | None:
     return None
 
 
-def _bounds(bounds: Mapping[str, tuple[float, float]], base: Mapping[str, str],
-            edits: Mapping[str, str]) -> str | None:
-    """A knob the edits moved must stay within its declared bounds."""
-    if not bounds:
+def _bounds(rules: Rules, base: Mapping[str, str], edits: Mapping[str, str]) -> str | None:
+    """A knob the edits moved must stay within its declared bounds (a pow2 knob on a power
+    of two)."""
+    if not rules.bounds:
         return None
     try:
-        knobs = read_knobs(python_files({**base, **edits}))
-        before = read_knobs(python_files(base))
+        knobs = read_knobs(python_files({**base, **edits}), rules.scope)
+        before = read_knobs(python_files(base), rules.scope)
     except OvernightError as e:
         return f"cannot read knobs: {e}"
-    for name, (lo, hi) in bounds.items():
+    for name, b in rules.bounds.items():
         k = knobs.get(name)
         old = before.get(name)
         unchanged = k is not None and old is not None and k.value == old.value
-        if k is not None and not lo <= k.value <= hi and not unchanged:
-            return f"{name} = {k.value:g} is outside its bounds [{lo:g}, {hi:g}]"
+        if k is None or unchanged:
+            continue
+        v = k.value
+        if not b.low <= v <= b.high or (b.scale == "pow2" and (v < 1 or int(v) & (int(v) - 1))):
+            return f"{name} = {v:g} is outside its bounds {b.shown()}"
     return None

@@ -143,9 +143,10 @@ class RunGuard:
                 verdict.notes.append(explain_knob_mismatch(name, knob.value, ran, rel, knob.line))
 
 
-def attest_env(out: Path, root: Path, pythonpath: str | None) -> dict[str, str]:
+def attest_env(out: Path, root: Path, pythonpath: str | None,
+               knobs: tuple[str, ...] = ()) -> dict[str, str]:
     """Environment that injects the attestation hook into the experiment's Python."""
-    env = _attest.environ(out, root, base={})
+    env = _attest.environ(out, root, base={}, knobs=knobs)
     if pythonpath:
         env["PYTHONPATH"] = env["PYTHONPATH"] + os.pathsep + pythonpath
     return env

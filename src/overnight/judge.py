@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from statistics import NormalDist, median
 
 from overnight.executors.base import RunResult
@@ -201,6 +201,19 @@ class Judge:
             return Decision(Status.CRASH, reason="; ".join(
                 w for w in (run.why_none, run.reason) if w))
         return None
+
+    def untested(self, first: Decision, unreached: list[str], whole: bool) -> Decision:
+        """A first run whose edit did not reach what ran (a config file or the command set
+        the knob again after it). `whole`: no edited knob ran with its new value, so the run
+        measured the incumbent's configuration and tested nothing: discarded, whatever its
+        number. Otherwise the decision stands, with the knobs that did not move named."""
+        said = "; ".join(unreached)
+        if first.status not in (Status.KEEP, Status.CONFIRM, Status.DISCARD):
+            return first  # it failed: that is what it says
+        if whole:
+            return Decision(Status.DISCARD, metric=first.metric, delta=first.delta,
+                            reason=f"the edit changed nothing at run time: {said}")
+        return replace(first, reason=f"{first.reason} (the edit did not reach: {said})")
 
     def baseline(self, run: Outcome) -> Decision:
         """The unchanged HEAD: kept as the first incumbent if it measured at all."""

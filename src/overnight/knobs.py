@@ -1,24 +1,64 @@
 """Knobs: module-level numeric constants of editable files, read and rewritten losslessly.
 
 A knob is a top-level statement `NAME = <number>` (or `NAME: float = <number>`) where NAME is
-UPPER_CASE and the number is an int or float literal, optionally negated: `-1`, `3e-4`.
-Bools, expressions (`2 ** 10`), assignments inside functions, classes or `if` blocks, and
-names assigned more than once at top level are not knobs: their runtime value is not the
-literal we would edit.
+UPPER_CASE, or any name the spec lists in `[search] knobs` (nanoGPT's `learning_rate`), and
+the number is an int or float literal, optionally negated: `-1`, `3e-4`. Bools, expressions
+(`2 ** 10`), assignments inside functions, classes or `if` blocks, and names assigned more
+than once in one file are not knobs: their runtime value is not the literal we would edit.
+
+A name may be set in two editable files when one of them is a config file the command hands
+to the script (`python train.py config/small.py`, which the script exec's after its own
+defaults): the config file's value is the one that runs, so that is the knob's home.
 """
 
 from __future__ import annotations
 
 import ast
 import re
+import shlex
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
 
 from overnight.errors import ConfigError
 from overnight.regions import RegionError, protected_lines
 
+if TYPE_CHECKING:
+    from overnight.spec import Spec
+
 NAME_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
+_OVERRIDE = re.compile(r"^--?([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Which constants are knobs, and which file is a name's home when several set it."""
+
+    named: frozenset[str] = frozenset()  # knobs whatever their case ([search] knobs)
+    config: tuple[str, ...] = ()  # editable files the command passes on: later ones win
+    # `--name=value` arguments of the command: set after the files, so edits cannot reach them
+    overridden: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, spec: Spec) -> Scope:
+        return cls.for_command(spec.run.command, spec.files.editable, spec.search.knobs or [])
+
+    @classmethod
+    def for_command(cls, command: str, editable: list[str], named: list[str] = ()) -> Scope:
+        try:
+            words = shlex.split(command)
+        except ValueError:
+            words = command.split()
+        scripts = [w.removeprefix("./") for w in words if w.endswith(".py")]
+        config = tuple(w for w in scripts[1:] if w in editable)  # the first is the script
+        overridden = {m[1]: m[2] for w in words if (m := _OVERRIDE.match(w))}
+        return cls(frozenset(named), config, overridden)
+
+    def is_knob(self, name: str) -> bool:
+        return bool(NAME_RE.match(name)) or name in self.named
+
+
+UPPER_ONLY = Scope()  # the default: UPPER_CASE names, one home each
 
 
 @dataclass(frozen=True)
@@ -30,7 +70,7 @@ class Knob:
     line: int  # 1-based line of the assignment
 
 
-def list_knobs(source: str, path: str) -> list[Knob]:
+def list_knobs(source: str, path: str, scope: Scope = Scope()) -> list[Knob]:
     """Every knob of one file, in source order. Constants in protected regions are not knobs."""
     module = _parse(source, path)
     try:
@@ -38,7 +78,7 @@ def list_knobs(source: str, path: str) -> list[Knob]:
     except RegionError as e:
         raise ConfigError(f"{path}: {e}") from None
     knobs = []
-    for stmt, name, value_node in _knob_statements(module):
+    for stmt, name, value_node in _knob_statements(module, scope):
         value, kind = _literal_value(value_node)
         if stmt.lineno in fixed:
             continue
@@ -51,29 +91,53 @@ def python_files(files: Mapping[str, str]) -> dict[str, str]:
     return {p: t for p, t in files.items() if p.endswith(".py")}
 
 
-def read_knobs(files: dict[str, str]) -> dict[str, Knob]:
-    """Knobs of several files (path -> text) by name. A name must be defined in one file only."""
+def read_knobs(files: Mapping[str, str], scope: Scope = Scope()) -> dict[str, Knob]:
+    """Knobs of several files (path -> text) by name. A name has one home: the one file that
+    defines it, or the last config file (see `Scope`) among those that do."""
     found: dict[str, Knob] = {}
+    rank = {path: i + 1 for i, path in enumerate(scope.config)}  # 0: not a config file
     for path, source in files.items():
-        for knob in list_knobs(source, path):
+        for knob in list_knobs(source, path, scope):
             other = found.get(knob.name)
-            if other is not None:
+            if other is not None and rank.get(other.path, 0) == rank.get(path, 0):
                 raise ConfigError(
                     f"knob {knob.name} is defined in both {other.path} (line {other.line}) and "
                     f"{knob.path} (line {knob.line}): rename one so each knob has one home"
                 )
-            found[knob.name] = knob
+            if other is None or rank.get(path, 0) > rank.get(other.path, 0):
+                found[knob.name] = knob
     return found
 
 
-def rewrite(source: str, values: dict[str, int | float]) -> str:
+def unreached(proposed: Mapping[str, object], before: Mapping[str, object],
+              ran: Mapping[str, object]) -> tuple[list[str], bool]:
+    """The edited knobs (`proposed` differs from `before`) whose value at run time (`ran`,
+    from the attestation) is not the proposed one: something set them again after the file
+    (an exec'd config, a `--name=value` argument). Returns one line per such knob, and
+    whether that is every edited knob that was seen at run time."""
+    moved = [n for n, v in proposed.items() if n in before and before[n] != v]
+    seen = [n for n in moved if _number(ran.get(n))]
+    lines = [f"{n} ran as {_show(ran[n])}, not {_show(proposed[n])}"
+             for n in seen if float(ran[n]) != float(proposed[n])]  # type: ignore[arg-type]
+    return lines, bool(seen) and len(lines) == len(seen) == len(moved)
+
+
+def _number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _show(v: object) -> str:
+    return format_value(v) if _number(v) else repr(v)  # type: ignore[arg-type]
+
+
+def rewrite(source: str, values: dict[str, int | float], scope: Scope = Scope()) -> str:
     """`source` with the named knobs set to `values`; every other byte is unchanged.
 
     Values are written exactly (shortest round-trip literal); round them with `format_value`
     first for short literals. An int knob stays an int and a float knob stays a float.
     """
     module = _parse(source, "<source>")
-    known = {name: node for _, name, node in _knob_statements(module)}
+    known = {name: node for _, name, node in _knob_statements(module, scope)}
     unknown = sorted(set(values) - set(known))
     if unknown:
         available = ", ".join(sorted(known)) or "none"
@@ -122,21 +186,22 @@ def _parse(source: str, path: str) -> ast.Module:
         raise ConfigError(f"{path} is not valid Python: {e.msg} (line {e.lineno})") from None
 
 
-def _knob_statements(module: ast.Module) -> list[tuple[ast.stmt, str, ast.expr]]:
+def _knob_statements(module: ast.Module,
+                     scope: Scope = Scope()) -> list[tuple[ast.stmt, str, ast.expr]]:
     """(statement, name, value node) for each knob, top-level statements only."""
     candidates: list[tuple[ast.stmt, str, ast.expr]] = []
     assigned: dict[str, int] = {}
     for stmt in module.body:  # def, class, if, for, with...: not top-level constants
         for name in _assigned_names(stmt):
             assigned[name] = assigned.get(name, 0) + 1
-        knob = _as_knob(stmt)
+        knob = _as_knob(stmt, scope)
         if knob is not None:
             candidates.append((stmt, *knob))
     # A name assigned twice is not a constant: editing one literal may not change what runs.
     return [c for c in candidates if assigned[c[1]] == 1]
 
 
-def _as_knob(stmt: ast.stmt) -> tuple[str, ast.expr] | None:
+def _as_knob(stmt: ast.stmt, scope: Scope) -> tuple[str, ast.expr] | None:
     if isinstance(stmt, ast.Assign):
         if len(stmt.targets) != 1:
             return None  # A = B = 1: two names share one literal
@@ -145,7 +210,7 @@ def _as_knob(stmt: ast.stmt) -> tuple[str, ast.expr] | None:
         target, value = stmt.target, stmt.value
     else:
         return None
-    if not isinstance(target, ast.Name) or not NAME_RE.match(target.id):
+    if not isinstance(target, ast.Name) or not scope.is_knob(target.id):
         return None
     if not _is_number(value):
         return None

@@ -23,6 +23,7 @@ from overnight.errors import ConfigError, IntegrityHalt, OvernightError
 from overnight.executors.base import CheckResult, Executor, RunRequest, RunResult
 from overnight.history import History, experiment
 from overnight.judge import Decision
+from overnight.knobs import Scope, unreached
 from overnight.ledger import Ledger, Row
 from overnight.metrics import tail
 from overnight.proposers.base import Context, Proposal, Proposer, fingerprint
@@ -93,6 +94,7 @@ class Loop:
         self._history = History(spec.objective.direction, _log_tail)  # what proposers see
         self._baseline_id: int | None = None  # the latest baseline row (a retry is a new one)
         self.judge = judge.Judge(spec.objective, spec.judge)
+        self.scope = Scope.of(spec)  # which constants are knobs, and their homes
         self._runs = judge.Runs()  # every measured run, by candidate; the noise they show
         self._waiting: set[int] = set()  # confirm candidates waiting for the noise figure
 
@@ -457,6 +459,7 @@ class Loop:
             devices=tuple(run.devices), project_venv=venv if venv.is_dir() else None,
             tmp_bytes=run.tmp_size_mb << 20, max_processes=run.max_processes,
             objective=self.spec.objective.metric, pattern=self.spec.objective.pattern,
+            knob_names=tuple(sorted(self.scope.named)),
         )
 
     def _record(self, job: _Job, result: RunResult) -> None:
@@ -476,6 +479,7 @@ class Loop:
         else:
             decision = self.judge.first(run, self._evidence(inc), self._runs.noise,
                                         self._simpler(row, inc))
+            decision = self._reached(row, result, decision)
         if decision.status == Status.TAMPERED:
             self._tampered(row, result, decision)
         elif decision.status == Status.KEEP and self._gated(row):
@@ -484,6 +488,13 @@ class Loop:
             self._finish(row, result, decision, inc)
             if decision.status == Status.CONFIRM:
                 self._next_run(self._get(row.id))
+
+    def _reached(self, row: Row, result: RunResult, decision: Decision) -> Decision:
+        """Did the proposal's knob values reach the run? The attestation says what ran."""
+        if not result.runtime_knobs or not row.parent:
+            return decision
+        lines, whole = unreached(row.knobs, self._knobs_of(row.parent), result.runtime_knobs)
+        return self.judge.untested(decision, lines, whole) if lines else decision
 
     def _decide(self, cand: Row, failed: str = "", hold: _Job | None = None) -> None:
         """A candidate in `confirm` on all its evidence: keep (through the checks), discard,
@@ -818,7 +829,7 @@ class Loop:
         return self._files_cache[commit]
 
     def _knobs_of(self, commit: str) -> dict[str, float | int]:
-        return knob_values(self._files(commit))
+        return knob_values(self._files(commit), self.scope)
 
     def _baseline_failed(self, row: Row) -> str:
         log = tail(Path(row.log_path), 15) if row.log_path else ""

@@ -173,20 +173,62 @@ class Agent(_Section):
     readable: list[str] = Field(default_factory=list)
 
 
+class Bound(_Section):
+    """Where a searched knob may go: `[low, high]`, or a table with a scale.
+
+    scale: "auto" (log when low > 0, else linear; ints: log when high/low >= 8), "linear",
+    "log", "log1m" (log scale on 1 - x: betas and momenta, where 0.99 -> 0.999 is as big a
+    step as 0.9 -> 0.99), or "pow2" (integers that are powers of two move by powers of two).
+    """
+
+    low: float
+    high: float
+    scale: Literal["auto", "linear", "log", "log1m", "pow2"] = "auto"
+
+    def shown(self) -> str:
+        pair = f"[{self.low:g}, {self.high:g}]"
+        return pair if self.scale == "auto" else f"{pair} on a {self.scale} scale"
+
+
 class Search(_Section):
     strategy: Literal["tpe", "perturb", "random", "grid"] = "tpe"
+    # Default: every UPPER_CASE numeric constant; names listed here may be lowercase.
     knobs: list[str] | None = None
-    bounds: dict[str, tuple[float, float]] = Field(default_factory=dict)
+    bounds: dict[str, Bound] = Field(default_factory=dict)
     seed: int | None = None
+
+    @field_validator("bounds", mode="before")
+    @classmethod
+    def _pairs(cls, v: object) -> object:
+        """`NAME = [low, high]` is short for `NAME = { low = .., high = .. }`."""
+        if not isinstance(v, dict):
+            return v
+        out = {}
+        for name, b in v.items():
+            if isinstance(b, (list, tuple)):
+                if len(b) != 2:
+                    raise ValueError(f"{name}: write [low, high] (two numbers), or "
+                                     '{ low = .., high = .., scale = "log1m" }')
+                b = {"low": b[0], "high": b[1]}
+            out[name] = b
+        return out
 
     @field_validator("bounds")
     @classmethod
-    def _ordered(cls, v: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
-        for name, (lo, hi) in v.items():
+    def _ordered(cls, v: dict[str, Bound]) -> dict[str, Bound]:
+        for name, b in v.items():
+            lo, hi = b.low, b.high
             if not (math.isfinite(lo) and math.isfinite(hi)):
                 raise ValueError(f"{name} = [{lo:g}, {hi:g}]: bounds must be finite numbers")
             if not lo < hi:
                 raise ValueError(f"{name}: lower bound {lo:g} must be < upper bound {hi:g}")
+            if b.scale == "log" and lo <= 0:
+                raise ValueError(f"{name}: a log scale needs low > 0, got {lo:g}")
+            if b.scale == "log1m" and hi >= 1:
+                raise ValueError(f"{name}: a log1m scale (log of 1 - x) needs high < 1, "
+                                 f"got {hi:g}")
+            if b.scale == "pow2" and lo < 1:
+                raise ValueError(f"{name}: a pow2 scale needs low >= 1, got {lo:g}")
         return v
 
 

@@ -9,22 +9,26 @@ import overnight: they run inside the experiment's own interpreter. This one is 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 DIR = Path(__file__).resolve().parent
 OUT_ENV = "OVERNIGHT_ATTEST_OUT"
 ROOT_ENV = "OVERNIGHT_ATTEST_ROOT"
+KNOBS_ENV = "OVERNIGHT_ATTEST_KNOBS"
 
 
-def environ(out: Path, root: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
+def environ(out: Path, root: Path, base: Mapping[str, str] | None = None,
+            knobs: Iterable[str] = ()) -> dict[str, str]:
     """`base` (default: os.environ) with the attestation switched on for one run: it writes
-    `out` (which must not exist yet) and covers the Python files under `root`."""
+    `out` (which must not exist yet) and covers the Python files under `root`; `knobs`:
+    lowercase names whose values at exit it records too (UPPER_CASE ones always are)."""
     env = dict(os.environ if base is None else base)
     rest = env.get("PYTHONPATH")
     env["PYTHONPATH"] = str(DIR) + (os.pathsep + rest if rest else "")
     env[OUT_ENV] = str(out)
     env[ROOT_ENV] = str(root)
+    env[KNOBS_ENV] = ",".join(sorted(knobs))
     return env
 
 

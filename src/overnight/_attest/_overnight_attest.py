@@ -13,7 +13,8 @@ to OVERNIGHT_ATTEST_OUT (JSON, replaced atomically) what ran:
 - modules: {path: sha256} for every module imported from a file under the root (out of
   site-packages and the interpreter's prefix): the bytes hashed are the bytes compiled, and
   no __pycache__ file is read or written for them, so a stale .pyc cannot stand in.
-- knobs: at exit, the runtime values of the script's UPPER_CASE module-level scalars.
+- knobs: at exit, the runtime values of the script's UPPER_CASE module-level scalars, and of
+  the names listed in OVERNIGHT_ATTEST_KNOBS (comma-separated: lowercase knobs).
 - python, exit: the interpreter and how the script ended.
 
 The file is written when the script starts (complete: false), again when a new module under
@@ -43,6 +44,7 @@ except ImportError:
 
 OUT_ENV = "OVERNIGHT_ATTEST_OUT"
 ROOT_ENV = "OVERNIGHT_ATTEST_ROOT"
+KNOBS_ENV = "OVERNIGHT_ATTEST_KNOBS"
 SCHEMA = 1
 _UPPER = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 _KNOB_CHARS = _UPPER | frozenset("0123456789_")
@@ -355,11 +357,14 @@ def _get_code(self: SourceFileLoader, fullname: str) -> object:
 
 
 def knobs(globs: dict) -> dict[str, dict]:
-    """UPPER_CASE names bound to a bool, int, float or str: {name: {type, value}}.
-    Non-finite floats become "nan", "inf", "-inf"; ints wider than 64 bits are left out."""
+    """UPPER_CASE names (and those in OVERNIGHT_ATTEST_KNOBS) bound to a bool, int, float or
+    str: {name: {type, value}}. Non-finite floats become "nan", "inf", "-inf"; ints wider
+    than 64 bits are left out."""
     found = {}
+    named = frozenset(os.environ.get(KNOBS_ENV, "").split(","))
     for name, value in list(globs.items()):
-        if not (name[:1] in _UPPER and all(c in _KNOB_CHARS for c in name)):
+        upper = name[:1] in _UPPER and all(c in _KNOB_CHARS for c in name)
+        if not (upper or (type(name) is str and name in named)):
             continue
         if isinstance(value, bool):
             kind, value = "bool", bool(value)

@@ -43,6 +43,7 @@ class RunRequest:
     # expression whose one group is the value (the last match wins).
     objective: str | None = None
     pattern: str | None = None
+    knob_names: tuple[str, ...] = ()  # lowercase knobs whose values at exit are recorded
 
     @property
     def commit(self) -> str:

@@ -92,7 +92,8 @@ def _run(req: RunRequest, cancel: threading.Event, hardware: str, gpu: str | Non
     req.attest_path.parent.mkdir()
     env, withheld = _env(req, gpu)
     if req.attest:
-        env.update(attest_env(req.attest_path, req.workdir, env.get("PYTHONPATH")))
+        env.update(attest_env(req.attest_path, req.workdir, env.get("PYTHONPATH"),
+                              req.knob_names))
     stream = _stream(req)
     listeners = [stream.feed] + ([on_output] if on_output else [])
     launch = Launch.of(req, req.command, req.workdir, req.log_path, req.timeout_seconds,

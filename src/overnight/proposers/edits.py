@@ -29,7 +29,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from overnight.errors import OvernightError
-from overnight.knobs import python_files, read_knobs
+from overnight.knobs import UPPER_ONLY, Scope, python_files, read_knobs
 from overnight.proposers.base import Context, Experiment, fingerprint, normalize
 from overnight.regions import check_edit
 
@@ -543,11 +543,11 @@ def duplicate_message(ctx: Context, edits: Mapping[str, str]) -> str:
             "different")
 
 
-def knob_values(files: Mapping[str, str]) -> dict[str, float | int]:
+def knob_values(files: Mapping[str, str], scope: Scope = UPPER_ONLY) -> dict[str, float | int]:
     """Knob values of the Python files, or {} when they cannot be read (a syntax error, a
     knob defined twice): knobs describe a proposal, they never block it."""
     try:
-        knobs = read_knobs(python_files(files))
+        knobs = read_knobs(python_files(files), scope)
     except (OvernightError, ValueError, RecursionError):
         return {}
     return {name: k.value for name, k in knobs.items()}

@@ -31,15 +31,18 @@ repeats between records; a proposer rebuilt after a restart loses nothing the le
 Default bounds, from the value a knob has at HEAD (override with `[search] bounds`):
 
 - positive float v: [v/10, v*10], log scale
-- zero or negative float v: [v-1, v+1], linear
+- float 0.0: [0, 1], linear (a zero stays non-negative)
+- negative float v: [v-1, v+1], linear
 - int v > 0: [max(1, v//4), max(4v, v+4)]
 - int 0: [0, 4]
 - int v < 0: the mirror image of |v|: [-max(4|v|, |v|+4), -max(1, |v|//4)]
 
-Declared bounds for an int knob are narrowed to whole numbers. A float range is searched on a
-log scale when lo > 0; an int range when lo >= 1 and hi/lo >= 8 (batch sizes, widths), so
-small int ranges such as [1, 4] stay uniform. A HEAD value outside its bounds is fine for the
-baseline; proposals are always inside.
+Declared bounds (`NAME = [lo, hi]` or `{ low, high, scale }`) for an int knob are narrowed to
+whole numbers. On the "auto" scale a float range is searched on a log scale when lo > 0; an
+int range when lo >= 1 and hi/lo >= 8 (batch sizes, widths), so small int ranges such as
+[1, 4] stay uniform. "log1m" searches 1 - x on a log scale (betas: 0.9, 0.99, 0.999 are
+evenly spaced); "pow2" moves an int by factors of two and keeps it a power of two. A HEAD
+value outside its bounds is fine for the baseline; proposals are always inside.
 """
 
 from __future__ import annotations
@@ -52,9 +55,9 @@ from itertools import product
 from typing import TYPE_CHECKING, Literal
 
 from overnight.errors import ConfigError
-from overnight.knobs import Knob, format_value, python_files, read_knobs, rewrite
+from overnight.knobs import Knob, Scope, format_value, python_files, read_knobs, rewrite
 from overnight.proposers.base import Context, Experiment, Proposal, Proposer, fingerprint
-from overnight.spec import Spec
+from overnight.spec import Bound, Spec
 from overnight.status import ACTIVE, FAILED, MEASURED, Status
 
 if TYPE_CHECKING:
@@ -71,29 +74,45 @@ Config = dict[str, int | float]
 Key = tuple[int | float, ...]
 
 
+Scale = Literal["linear", "log", "log1m", "pow2"]
+
+
 @dataclass(frozen=True)
 class KnobRange:
-    """Where one searched knob may go."""
+    """Where one searched knob may go, and on which scale it moves."""
 
     name: str
     kind: Literal["int", "float"]
     lo: int | float
     hi: int | float
-    log: bool
+    scale: Scale = "linear"
+
+    @property
+    def log(self) -> bool:
+        return self.scale == "log"
 
     def contains(self, v: int | float) -> bool:
         if self.kind == "int" and not float(v).is_integer():
+            return False
+        if self.scale == "pow2" and not _is_pow2(v):
             return False
         return self.lo <= v <= self.hi
 
     def snap(self, x: float) -> int | float:
         """x clipped into the range and rounded the way it will be written."""
+        if self.scale == "pow2":
+            x = min(max(float(x), float(self.lo)), float(self.hi))
+            return 1 << max(0, round(math.log2(x)))
         if self.kind == "int":
             return min(max(int(round(x)), int(self.lo)), int(self.hi))
         x = min(max(float(x), float(self.lo)), float(self.hi))
-        # 4 significant digits, unless rounding would leave the range (bounds like 1.23456e-4).
+        # 4 significant digits (of 1 - x on a log1m scale: 0.99912 is 0.9991), unless rounding
+        # would leave the range (bounds like 1.23456e-4).
         for digits in (4, 6, 9, 17):
-            v = float(format_value(x, digits=digits))
+            if self.scale == "log1m":
+                v = 1 - float(format_value(1 - x, digits=digits))
+            else:
+                v = float(format_value(x, digits=digits))
             if self.lo <= v <= self.hi:
                 return v
         return x
@@ -102,6 +121,33 @@ class KnobRange:
         """v itself when it is inside, else the nearest written value inside."""
         return v if self.contains(v) else self.snap(v)
 
+    # TPE sees a log1m knob as 1 - x on a log scale, a pow2 knob as its exponent.
+
+    def to_param(self, v: int | float) -> int | float:
+        if self.scale == "log1m":
+            return 1 - float(v)
+        if self.scale == "pow2":
+            return round(math.log2(v))
+        return int(v) if self.kind == "int" else float(v)
+
+    def from_param(self, p: int | float) -> float:
+        if self.scale == "log1m":
+            return 1 - p
+        if self.scale == "pow2":
+            return float(2 ** int(p))
+        return p
+
+    def distribution(self) -> optuna.distributions.BaseDistribution:
+        from optuna.distributions import FloatDistribution, IntDistribution
+
+        if self.scale == "log1m":
+            return FloatDistribution(1 - float(self.hi), 1 - float(self.lo), log=True)
+        if self.scale == "pow2":
+            return IntDistribution(round(math.log2(self.lo)), round(math.log2(self.hi)))
+        if self.kind == "int":
+            return IntDistribution(int(self.lo), int(self.hi), log=self.log)
+        return FloatDistribution(float(self.lo), float(self.hi), log=self.log)
+
 
 def default_range(knob: Knob) -> KnobRange:
     """Bounds derived from the HEAD value (see the module docstring)."""
@@ -109,6 +155,8 @@ def default_range(knob: Knob) -> KnobRange:
     if knob.kind == "float":
         if v > 0:
             return _range(knob, v / 10, v * 10)
+        if v == 0:
+            return _range(knob, 0.0, 1.0)  # a zero stays non-negative
         return _range(knob, v - 1, v + 1)
     v = int(v)
     if v > 0:
@@ -119,25 +167,41 @@ def default_range(knob: Knob) -> KnobRange:
     return _range(knob, -max(a * 4, a + 4), -max(1, a // 4))
 
 
-def declared_range(knob: Knob, lo: float, hi: float) -> KnobRange:
+def declared_range(knob: Knob, bound: Bound) -> KnobRange:
     """Bounds from `[search] bounds`; int knobs keep the whole numbers inside [lo, hi]."""
+    lo, hi = bound.low, bound.high
+    scale = None if bound.scale == "auto" else bound.scale
+    where = f"overnight.toml: [search] bounds.{knob.name} = [{lo:g}, {hi:g}]"
+    if scale == "pow2":
+        if knob.kind != "int":
+            raise ConfigError(f'{where}: scale = "pow2" is for int knobs; {knob.name} is a '
+                              "float")
+        plo, phi = 1 << math.ceil(math.log2(lo)), 1 << math.floor(math.log2(hi))
+        if plo > phi:
+            raise ConfigError(f"{where} holds no power of two")
+        return _range(knob, plo, phi, "pow2")
+    if scale == "log1m" and knob.kind == "int":
+        raise ConfigError(f'{where}: scale = "log1m" is for float knobs; {knob.name} is an int')
     if knob.kind == "int":
         ilo, ihi = math.ceil(lo), math.floor(hi)
         if ilo > ihi:
-            raise ConfigError(
-                f"overnight.toml: [search] bounds.{knob.name} = [{lo:g}, {hi:g}] holds no "
-                f"whole number, but {knob.name} is an int knob"
-            )
-        return _range(knob, ilo, ihi)
-    return _range(knob, float(lo), float(hi))
+            raise ConfigError(f"{where} holds no whole number, but {knob.name} is an int knob")
+        return _range(knob, ilo, ihi, scale)
+    return _range(knob, float(lo), float(hi), scale)
 
 
-def _range(knob: Knob, lo: int | float, hi: int | float) -> KnobRange:
-    if knob.kind == "int":
-        log = lo >= 1 and hi / lo >= 8
-    else:
-        log = lo > 0
-    return KnobRange(name=knob.name, kind=knob.kind, lo=lo, hi=hi, log=log)
+def _range(knob: Knob, lo: int | float, hi: int | float,
+           scale: Scale | None = None) -> KnobRange:
+    if scale is None:  # "auto"
+        if knob.kind == "int":
+            scale = "log" if lo >= 1 and hi / lo >= 8 else "linear"
+        else:
+            scale = "log" if lo > 0 else "linear"
+    return KnobRange(name=knob.name, kind=knob.kind, lo=lo, hi=hi, scale=scale)
+
+
+def _is_pow2(v: int | float) -> bool:
+    return float(v).is_integer() and v >= 1 and (int(v) & (int(v) - 1)) == 0
 
 
 class SearchProposer(Proposer):
@@ -148,8 +212,9 @@ class SearchProposer(Proposer):
     def __init__(self, spec: Spec, files: dict[str, str]) -> None:
         self.strategy = spec.search.strategy
         self.metric = spec.objective.metric
-        head = read_knobs(python_files(files))
-        self.names = _searched_names(spec.search.knobs, head, files)
+        self.scope = Scope.of(spec)
+        head = read_knobs(python_files(files), self.scope)
+        self.names = _searched_names(spec.search.knobs, head, files, self.scope)
         self.ranges = _ranges(self.names, head, spec.search.bounds)
         self._rng = random.Random(spec.search.seed)  # seed None: fresh entropy
         self._pending: set[Key] = set()  # proposed here, not yet seen in ctx.history
@@ -165,7 +230,7 @@ class SearchProposer(Proposer):
             optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     def propose(self, ctx: Context) -> Proposal | None:
-        current = read_knobs(python_files(ctx.files))
+        current = read_knobs(python_files(ctx.files), self.scope)
         center = self._incumbent_values(ctx, current)
         seen = self._seen(ctx, center, current)
         strategies: dict[str, Callable[[Context, Config, _Seen], tuple[Config, str] | None]]
@@ -222,7 +287,8 @@ class SearchProposer(Proposer):
         distributions = self._distributions()
         for _ in range(MAX_TRIES):
             trial = study.ask(distributions)
-            config = {n: self.ranges[n].snap(trial.params[n]) for n in self.names}
+            config = {n: self.ranges[n].snap(self.ranges[n].from_param(trial.params[n]))
+                      for n in self.names}
             if config not in seen:
                 return config, f"tpe sample #{number}: where TPE expects to {self._goal(ctx)}"
             # A duplicate stays RUNNING: the constant liar then steers the next ask away.
@@ -277,7 +343,7 @@ class SearchProposer(Proposer):
             )
             study.add_trial(trial)
         for key in self._pending:
-            params = dict(zip(self.names, key, strict=True))
+            params = {n: self.ranges[n].to_param(v) for n, v in zip(self.names, key, strict=True)}
             trial = create_trial(
                 state=TrialState.RUNNING, params=params, distributions=distributions
             )
@@ -320,19 +386,11 @@ class SearchProposer(Proposer):
             r = self.ranges[name]
             if v is None or isinstance(v, bool) or not r.contains(v):
                 return None
-            params[name] = int(v) if r.kind == "int" else float(v)
+            params[name] = r.to_param(v)
         return params
 
     def _distributions(self) -> dict[str, optuna.distributions.BaseDistribution]:
-        from optuna.distributions import FloatDistribution, IntDistribution
-
-        out: dict[str, optuna.distributions.BaseDistribution] = {}
-        for name, r in self.ranges.items():
-            if r.kind == "int":
-                out[name] = IntDistribution(int(r.lo), int(r.hi), log=r.log)
-            else:
-                out[name] = FloatDistribution(float(r.lo), float(r.hi), log=r.log)
-        return out
+        return {name: r.distribution() for name, r in self.ranges.items()}
 
     # --- grid ------------------------------------------------------------------------------
 
@@ -354,7 +412,11 @@ class SearchProposer(Proposer):
         return points
 
     def _levels(self, r: KnobRange, v: int | float) -> list[int | float]:
-        if r.kind == "int":
+        if r.scale == "pow2":
+            lower, upper = v / 2, v * 2
+        elif r.scale == "log1m":
+            lower, upper = 1 - (1 - v) * 2, 1 - (1 - v) * 0.5
+        elif r.kind == "int":
             step = _int_step(v)
             lower, upper = v - step, v + step
         elif r.log:
@@ -375,6 +437,10 @@ class SearchProposer(Proposer):
         return None
 
     def _move(self, r: KnobRange, v: int | float) -> float:
+        if r.scale == "pow2":
+            return v * 2.0 ** (self._rng.choice((1, 2)) * self._rng.choice((-1, 1)))
+        if r.scale == "log1m":
+            return 1 - (1 - v) * math.exp(self._rng.gauss(0.0, math.log(2)))
         if r.kind == "int":
             k = self._rng.choice((1, 2)) * self._rng.choice((-1, 1))
             return v + k * _int_step(v)
@@ -384,6 +450,10 @@ class SearchProposer(Proposer):
         return v + self._rng.gauss(0.0, 0.25 * (r.hi - r.lo))
 
     def _uniform(self, r: KnobRange) -> float:
+        if r.scale == "pow2":
+            return float(2 ** self._rng.randint(round(math.log2(r.lo)), round(math.log2(r.hi))))
+        if r.scale == "log1m":
+            return 1 - math.exp(self._rng.uniform(math.log(1 - r.hi), math.log(1 - r.lo)))
         if r.kind == "int":
             if r.log:
                 # Discrete log-uniform: P(k) ~ log((k+1)/k).
@@ -490,7 +560,8 @@ class SearchProposer(Proposer):
                 raise ConfigError(f"knob {name} is not in the incumbent's files any more")
             if knob.value != config[name]:
                 changes.setdefault(knob.path, {})[name] = config[name]
-        edits = {path: rewrite(ctx.files[path], vals) for path, vals in changes.items()}
+        edits = {path: rewrite(ctx.files[path], vals, self.scope)
+                 for path, vals in changes.items()}
         return {path: text for path, text in edits.items() if text != ctx.files[path]}
 
 
@@ -528,34 +599,44 @@ def _lowercase_numbers(files: dict[str, str]) -> list[str]:
 
 
 def _searched_names(
-    wanted: list[str] | None, head: dict[str, Knob], files: dict[str, str]
+    wanted: list[str] | None, head: dict[str, Knob], files: dict[str, str], scope: Scope
 ) -> list[str]:
     available = sorted(head)
     if not available:
         where = ", ".join(sorted(files)) or "no files"
         lower = _lowercase_numbers(files)
-        hint = (f"; {', '.join(lower[:8])} {'is a' if len(lower) == 1 else 'are'} lowercase: "
-                "knobs are UPPER_CASE names (rename them, or let a model edit the code: "
-                '[proposer] kind = "llm" or "agent")' if lower else "")
+        hint = (f"; {', '.join(lower[:8])} {'is' if len(lower) == 1 else 'are'} lowercase: "
+                f"name the ones to tune in [search] knobs, e.g. knobs = "
+                f"[{', '.join(repr(n).replace(chr(39), chr(34)) for n in lower[:3])}] "
+                "(`overnight init` writes a selection with bounds)" if lower else "")
         raise ConfigError(
             f"no knobs found in the editable files ({where}): the search proposer tunes "
-            f"top-level numeric constants with UPPER_CASE names, such as "
+            f"top-level numeric constants, by default those with UPPER_CASE names such as "
             f"`LEARNING_RATE = 3e-4`{hint}"
         )
     if wanted is None:
         return list(head)  # source order: the order the user reads them in
     names = list(dict.fromkeys(wanted))  # dedupe, keep the user's order
+    fixed = [n for n in names if n in scope.overridden]
+    if fixed:
+        shown = ", ".join(f"--{n}={scope.overridden[n]}" for n in fixed)
+        raise ConfigError(
+            f"overnight.toml: [search] knobs names {', '.join(fixed)}, which the command sets "
+            f"({shown}) after the files are read: an edit cannot change what runs. Drop it "
+            "from the command or from [search] knobs"
+        )
     unknown = [n for n in names if n not in head]
     if unknown:
         raise ConfigError(
             f"overnight.toml: [search] knobs names {', '.join(unknown)}, which is not a knob "
-            f"of the editable files; available knobs: {', '.join(available)}"
+            f"of the editable files (a top-level `name = <number>`, set once in a file); "
+            f"available knobs: {', '.join(available)}"
         )
     return names
 
 
 def _ranges(
-    names: list[str], head: dict[str, Knob], bounds: dict[str, tuple[float, float]]
+    names: list[str], head: dict[str, Knob], bounds: dict[str, Bound]
 ) -> dict[str, KnobRange]:
     stray = sorted(set(bounds) - set(names))
     if stray:
@@ -566,7 +647,7 @@ def _ranges(
     ranges = {}
     for name in names:
         if name in bounds:
-            ranges[name] = declared_range(head[name], *bounds[name])
+            ranges[name] = declared_range(head[name], bounds[name])
         else:
             ranges[name] = default_range(head[name])
     return ranges
