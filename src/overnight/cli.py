@@ -123,18 +123,31 @@ def init(
                         "(repeatable). Default: train.py.")] = None,
     protected: Annotated[list[str] | None, typer.Option(help="File nobody may edit "
                          "(repeatable). Default: prepare.py if present.")] = None,
+    pattern: Annotated[str | None, typer.Option(help="Regular expression with one group "
+                       "around the number, for output that is not `metric: value` lines, e.g. "
+                       "'val loss ([0-9.]+)'. Default: proposed from the script's prints.")]
+    = None,
     force: Annotated[bool, typer.Option(help="Overwrite an existing overnight.toml.")] = False,
     repo: RepoOpt = Path("."),
 ) -> None:
-    """Write overnight.toml for this repository and keep .overnight/ out of git."""
+    """Write overnight.toml for this repository and keep .overnight/ out of git.
+
+    Reads the script: where the metric is printed (and the pattern that reads it), which
+    interpreter imports what it imports, whether it reads OVERNIGHT_BUDGET_SECONDS, and which
+    constants are worth searching, in which bounds; each choice is commented in the file.
+    """
     from overnight.workspace import write_init
 
-    path, spec = write_init(repo, command, metric, direction.value if direction else None,
-                            editable or [], protected or [], force)
+    init = write_init(repo, command, metric, direction.value if direction else None,
+                      editable or [], protected or [], force, pattern)
+    spec = init.spec
     console.print(escape(
-        f"wrote {path}: {spec.objective.direction} {spec.objective.metric} is better; "
+        f"wrote {init.path}: {spec.objective.direction} {spec.objective.metric} is better; "
         f"runs `{spec.run.command}`; edits {', '.join(spec.files.editable)}"
-        + (f"; protects {', '.join(spec.files.protected)}" if spec.files.protected else "")))
+        + (f"; protects {', '.join(spec.files.protected)}" if spec.files.protected else "")
+        + (f"; searches {', '.join(spec.search.knobs)}" if spec.search.knobs else "")))
+    for note in init.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     console.print("next: review it, `git add overnight.toml && git commit`, then `overnight run`")
 
 

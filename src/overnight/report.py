@@ -82,6 +82,9 @@ def result_line(objective: Objective, row: Row, best: Row | None, baseline: Row 
             t.append(f" {printable(row.reason)[:70]}", style="yellow")
         elif row.status == Status.DISCARD and "within the noise" in row.reason:
             t.append(" (within the noise)", style="yellow")
+        if "the edit changed nothing" in row.reason or "the edit did not reach" in row.reason:
+            untested = row.reason.split("the edit ", 1)[1].rstrip(")")
+            t.append(f" (the edit {printable(untested)[:70]})", style="yellow")
         t.append(f" {printable(row.description)[:70]}")
     else:
         if row.reason:

@@ -6,12 +6,16 @@ import datetime as dt
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from overnight import sandbox
 from overnight.errors import ConfigError, OvernightError
 from overnight.ledger import Ledger, Row, unwritable
 from overnight.snapshot import Repo
 from overnight.spec import SPEC_FILE, Spec, load_spec, parse_spec, tomllib
+
+if TYPE_CHECKING:
+    from overnight.survey import Space
 
 STATE_DIR = ".overnight"
 LEDGER_FILE = "ledger.sqlite"
@@ -116,21 +120,9 @@ def default_tag(ledger: Ledger) -> str:
 
 # -- init --------------------------------------------------------------------
 
-_PRINTED = re.compile(r"""print\(\s*f?["']\s*([A-Za-z_][\w]*)\s*[:=]""")
 _LOWER = ("loss", "bpb", "bpc", "error", "err", "perplexity", "ppl", "time", "seconds", "mse",
           "mae")
 _HIGHER = ("acc", "accuracy", "score", "reward", "f1", "auc", "bleu", "throughput", "tflops")
-
-
-def guess_metric(source: str) -> str | None:
-    names = _PRINTED.findall(source)
-    for preferred in ("val_bpb", "val_loss"):
-        if preferred in names:
-            return preferred
-    for name in names:
-        if name.startswith("val"):
-            return name
-    return None
 
 
 def guess_direction(metric: str) -> str | None:
@@ -142,19 +134,39 @@ def guess_direction(metric: str) -> str | None:
     return None
 
 
+@dataclass
+class Init:
+    """What `overnight init` wrote, and what the user should know about it."""
+
+    path: Path
+    spec: Spec
+    notes: list[str]
+
+
 def write_init(root: Path, command: str | None, metric: str | None, direction: str | None,
-               editable: list[str], protected: list[str], force: bool) -> tuple[Path, Spec]:
+               editable: list[str], protected: list[str], force: bool,
+               pattern: str | None = None) -> Init:
+    from overnight import survey
+    from overnight.knobs import Scope
+
     repo = Repo.open(root)
     repo.head()
     spec_path = repo.root / SPEC_FILE
     if spec_path.exists() and not force:
         raise ConfigError(f"{SPEC_FILE} already exists: edit it, or pass --force to overwrite it")
     root = repo.root
+    notes: list[str] = []
     if not editable:
         if (root / "train.py").exists():
             editable = ["train.py"]
         else:
             raise ConfigError("no train.py here: name the file(s) to edit with --editable FILE")
+    if command is not None:  # config files the command hands to the script are editable too
+        for config in Scope.for_command(command, _py_files(root)).config:
+            if config not in editable and config not in protected:
+                editable.append(config)
+                notes.append(f"{config} is passed to the script by the command: it is editable "
+                             "too, and its values win over the script's own")
     if not protected and (root / "prepare.py").exists() and "prepare.py" not in editable:
         protected = ["prepare.py"]
     for path in editable + protected:
@@ -163,29 +175,65 @@ def write_init(root: Path, command: str | None, metric: str | None, direction: s
     dirty = repo.dirty(editable + protected)
     if dirty:
         raise ConfigError(f"uncommitted changes in {', '.join(dirty)}: commit them first")
+    texts = {p: (root / p).read_text(errors="replace") for p in editable}
+    guarded = {p: (root / p).read_text(errors="replace") for p in protected
+               if (root / p).is_file()}
+    uv = (root / "uv.lock").exists()
     if command is None:
-        runner = "uv run" if (root / "uv.lock").exists() else "python"
-        command = f"{runner} {editable[0]}"
-    if metric is None:
-        metric = guess_metric((root / editable[0]).read_text(errors="replace"))
-        if metric is None:
-            raise ConfigError(
-                f"could not tell which metric {editable[0]} prints: pass --metric NAME "
-                "(the script must print `NAME: <number>` or `METRIC NAME=<number>`)"
-            )
+        found = survey.interpreter(root, texts[editable[0]], uv)
+        command = f"{found.runner} {editable[0]}"
+        notes += [found.note] if found.note else []
+    elif (first := command.split()[0]) in ("python", "python3") or first.endswith("/python"):
+        found = survey.interpreter(root, texts[editable[0]], uv=False, given=first)
+        notes += [found.note] if found.note else []
+    finding = survey.find_metric({**texts, **guarded}, metric, pattern)
+    if finding.metric is None:
+        raise ConfigError(
+            f"could not tell which metric {editable[0]} prints: pass --metric NAME (the script "
+            "must print `NAME: <number>`, or pass --pattern with a regular expression whose "
+            "group is the number, e.g. --pattern 'val loss ([0-9.]+)')")
+    metric, pattern = finding.metric, finding.pattern
+    notes += [finding.note] if finding.note else []
     if direction is None:
         direction = guess_direction(metric)
         if direction is None:
             raise ConfigError(
                 f"is a lower or a higher {metric} better? pass --direction lower|higher")
-    text = render_spec(command, metric, direction, editable, protected)
+    scope = Scope.for_command(command, editable)
+    knobs = survey.all_constants(texts, scope)
+    budget = survey.budget(texts, guarded, knobs, scope.overridden)
+    notes += list(budget.notes)
+    space = survey.search_space(texts, scope, budget)
+    seconds = budget.seconds or 300
+    text = render_spec(command, metric, direction, editable, protected, budget=seconds,
+                       timeout=max(600, 2 * seconds), pattern=pattern, space=space)
     spec = parse_spec(tomllib.loads(text))
     spec_path.write_text(text)
     program = repo.root / spec.proposer.program
     if not program.exists():
         program.write_text(render_program(spec))
+    else:
+        notes += _program_notes(spec.proposer.program, program.read_text(errors="replace"))
     repo.exclude(f"/{STATE_DIR}/")
-    return spec_path, spec
+    return Init(spec_path, spec, notes)
+
+
+def _py_files(root: Path) -> list[str]:
+    return [str(p.relative_to(root)) for p in root.rglob("*.py") if ".git" not in p.parts]
+
+
+def _program_notes(name: str, text: str) -> list[str]:
+    """What a user's own program.md says that overnight's contract overrides."""
+    try:
+        from overnight.proposers.prompt import program_conflicts
+    except ImportError:
+        return []
+    found = program_conflicts(text)
+    if not found:
+        return []
+    return [f"{name} was written for an agent that runs its own loop ({'; '.join(found)}): "
+            "overnight owns git, the runs and the records, so the model is told the harness's "
+            "contract first and that it wins; the rest of the program is its research guidance"]
 
 
 def render_program(spec: Spec) -> str:
@@ -220,19 +268,26 @@ constraints of the hardware. `overnight steer "..."` adds notes while a loop run
 
 
 def _toml_list(items: list[str]) -> str:
-    return "[" + ", ".join(f'"{i}"' for i in items) + "]"
+    return "[" + ", ".join(_toml_str(i) for i in items) + "]"
 
 
 def render_spec(command: str, metric: str, direction: str, editable: list[str],
                 protected: list[str], budget: float = 300, timeout: float = 600,
-                strategy: str = "tpe", knobs: list[str] | None = None,
-                bounds: dict[str, tuple[float, float]] | None = None) -> str:
+                strategy: str = "perturb", pattern: str | None = None,
+                space: Space | None = None) -> str:
+    how = ("read with the pattern below" if pattern else
+           f"printed as `{metric}: <number>` or `METRIC {metric}=<n>`")
     lines = [
         "# overnight research spec: what to improve, how to run it, what may change.",
         "[objective]",
-        f'metric = "{metric}"          # printed as `{metric}: <number>` or `METRIC {metric}=<n>`',
+        f'metric = "{metric}"          # {how}',
         f'direction = "{direction}"',
         "min_delta = 0.0              # improvement needed to keep a change",
+    ]
+    if pattern:
+        lines.append(f"pattern = {_toml_str(pattern)}  # its group is the value; the last "
+                     "match wins")
+    lines += [
         "",
         "[run]",
         f"command = {_toml_str(command)}",
@@ -248,18 +303,35 @@ def render_spec(command: str, metric: str, direction: str, editable: list[str],
         'kind = "search"',
         "",
         "[search]",
-        f'strategy = "{strategy}"           # tpe | perturb | random | grid',
+        "# perturb: each proposal moves one or two knobs around the best so far, so each run",
+        "# tests one idea; tpe models the whole space once there are a few dozen runs.",
+        f'strategy = "{strategy}"           # perturb | tpe | random | grid',
     ]
-    if knobs:
-        lines.append(f"knobs = {_toml_list(knobs)}")
+    chosen = space.chosen if space else []
+    if chosen:
+        lines.append("knobs = [")
+        lines += [f"    {_toml_str(c.knob.name)}," for c in chosen]
+        lines.append("]")
     else:
-        lines.append('# knobs = ["LEARNING_RATE"]  # default: every numeric constant of the files')
+        lines.append('# knobs = ["LEARNING_RATE"]  # default: every UPPER_CASE numeric constant')
+    for name, why in (space.skipped if space else []):
+        lines.append(f"# not searched: {name}: {why}")
+    lines.append("")
     lines.append("[search.bounds]")
-    for name, (lo, hi) in (bounds or {}).items():
-        lines.append(f"{name} = [{lo!r}, {hi!r}]")
-    if not bounds:
+    for c in chosen:
+        b = c.bound
+        scale = "" if b.scale == "auto" else f', scale = "{b.scale}"'
+        where = f"{c.knob.path}:{c.knob.line}"
+        lines.append(f"{c.knob.name} = {{ low = {_num(b.low, c.knob.kind)}, high = "
+                     f"{_num(b.high, c.knob.kind)}{scale} }}  # {c.knob.value:g} at {where}: "
+                     f"{c.why}")
+    if not chosen:
         lines.append("# LEARNING_RATE = [1e-5, 1.0]")
     return "\n".join(lines) + "\n"
+
+
+def _num(v: float, kind: str) -> str:
+    return str(int(v)) if kind == "int" and float(v).is_integer() else repr(float(v))
 
 
 def _toml_str(s: str) -> str:

@@ -379,10 +379,15 @@ class SearchProposer(Proposer):
         return [*kept, *running]
 
     def _params(self, e: Experiment) -> Config | None:
-        """The experiment's knob values as trial params, or None if it does not fit."""
+        """The experiment's knob values as trial params, or None if it does not fit. The
+        values that ran win over the proposed ones: an edit that a config file or the command
+        set again tested the value that ran, not the one proposed."""
         params: Config = {}
         for name in self.names:
             v = e.knobs.get(name)
+            ran = e.runtime_knobs.get(name)  # what really ran, when the attestation saw it
+            if isinstance(ran, (int, float)) and not isinstance(ran, bool):
+                v = ran
             r = self.ranges[name]
             if v is None or isinstance(v, bool) or not r.contains(v):
                 return None
