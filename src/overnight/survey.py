@@ -348,10 +348,11 @@ def all_constants(editable: Mapping[str, str], scope: Scope) -> dict[str, Knob]:
     return read_knobs(py, wide)
 
 
-def search_space(editable: Mapping[str, str], scope: Scope, budget_: Budget) -> Space:
+def search_space(editable: Mapping[str, str], scope: Scope, budget_: Budget,
+                 metric: str = "") -> Space:
     """Which constants to search, in which bounds, and why the others are left alone."""
     knobs = all_constants(editable, scope)
-    reporting = reporting_only(editable.values())
+    reporting = reporting_only(editable.values(), metric)
     space = Space()
     for name, k in knobs.items():
         why = _skip(name, k, scope, reporting, budget_)
@@ -420,10 +421,12 @@ def _round(x: float) -> float:
     return float(f"{x:.4g}") if x and math.isfinite(x) else x
 
 
-def reporting_only(sources: Iterable[str]) -> set[str]:
+def reporting_only(sources: Iterable[str], metric: str = "") -> set[str]:
     """Names whose every use ends in a print or a log call (directly, or through names that
-    do): `H100_PEAK_FLOPS` feeding only `mfu`, which is only printed. By identifier across
-    the files: a coarse reading that errs towards 'used'."""
+    do): `H100_PEAK_FLOPS` feeding only `mfu`, which is only printed. A print that names the
+    metric (`val_loss` or `val loss`) is the measurement, not a report: what feeds it counts
+    as used. By identifier across the files: a coarse reading that errs towards 'used'."""
+    words = {metric.lower(), metric.lower().replace("_", " ")} - {""}
     feeds: dict[str, set[str]] = {}  # name -> the names assigned from it
     used: set[str] = set()  # names read anywhere else (a condition, a call, an index...)
     reported: set[str] = set()
@@ -435,7 +438,7 @@ def reporting_only(sources: Iterable[str]) -> set[str]:
         parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
         for node in ast.walk(tree):
             if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
-                _classify(node, parents, feeds, used, reported)
+                _classify(node, parents, feeds, used, reported, words)
     # A name is reporting-only when it is printed or feeds only reporting-only names.
     only = {n for n in reported | set(feeds) if n not in used}
     changed = True
@@ -449,12 +452,15 @@ def reporting_only(sources: Iterable[str]) -> set[str]:
 
 
 def _classify(node: ast.Name, parents: dict, feeds: dict[str, set[str]], used: set[str],
-              reported: set[str]) -> None:
+              reported: set[str], metric: set[str]) -> None:
     child, up = node, parents.get(node)
     while up is not None:
         if isinstance(up, ast.Call) and child is not up.func and _reporter(up.func):
-            reported.add(node.id)
-            return
+            text = ast.unparse(up).lower()
+            if not any(w in text for w in metric):
+                reported.add(node.id)
+                return
+            break
         if isinstance(up, (ast.Assign, ast.AugAssign, ast.AnnAssign)) and child is up.value:
             targets = up.targets if isinstance(up, ast.Assign) else [up.target]
             if all(isinstance(t, ast.Name) for t in targets):

@@ -203,7 +203,7 @@ def write_init(root: Path, command: str | None, metric: str | None, direction: s
     knobs = survey.all_constants(texts, scope)
     budget = survey.budget(texts, guarded, knobs, scope.overridden)
     notes += list(budget.notes)
-    space = survey.search_space(texts, scope, budget)
+    space = survey.search_space(texts, scope, budget, metric)
     seconds = budget.seconds or 300
     text = render_spec(command, metric, direction, editable, protected, budget=seconds,
                        timeout=max(600, 2 * seconds), pattern=pattern, space=space)
