@@ -42,6 +42,14 @@ def test_demo_creates_a_repository_and_runs_the_loop(tmp_path: Path):
                             text=True, check=True).stdout
     assert status == ""
 
+    # The hint it ends with works in a shell where the venv is not activated.
+    hint = next(line for line in proc.stdout.splitlines() if line.startswith("look around: "))
+    looked = subprocess.run(["sh", "-c", hint.removeprefix("look around: ")], cwd=tmp_path,
+                            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+                            capture_output=True, text=True, timeout=60)
+    assert looked.returncode == 0, hint + looked.stderr
+    assert "tag demo" in looked.stdout and "commit\tval_bpb" in looked.stdout
+
     # Running it again resumes in place rather than failing or starting over.
     again = subprocess.run([*OVERNIGHT, "demo", str(demo), "--max-experiments", "3",
                             "--budget", "2"], capture_output=True, text=True, timeout=120)

@@ -366,10 +366,28 @@ def demo(
     ws = Workspace.open(directory)
     outcome = run_loop(ws, console, "demo", max_experiments, None, budget)
     _summary(ws, outcome.tag)
-    console.print(f"look around: cd {directory} && overnight status && overnight export && "
-                  "git log --oneline overnight/demo")
+    me = _this_command()
+    console.print(escape(f"look around: cd {directory} && {me} status && {me} export && "
+                         "git log --oneline overnight/demo"), highlight=False)
     if outcome.interrupted:
         raise typer.Exit(130)
+
+
+def _this_command() -> str:
+    """How to run this overnight again from a shell: `overnight` when that is what PATH
+    finds, else its full path (a virtual environment that is not activated)."""
+    import shlex
+    import shutil
+
+    me = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+    found = shutil.which("overnight")
+    if me is not None and me.name == "overnight" and me.is_file():
+        if found and Path(found).resolve() == me:
+            return "overnight"
+        return shlex.quote(str(me))
+    if found and Path(found).parent == Path(sys.executable).parent:
+        return "overnight"
+    return f"{shlex.quote(sys.executable)} -m overnight"
 
 
 @command
