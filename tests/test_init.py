@@ -3,6 +3,7 @@ spec it writes runs the first time, and its search space does not waste a night.
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import sys
@@ -145,3 +146,58 @@ def test_init_finds_the_interpreter_that_imports_the_script(make_repo, cli, tmp_
     out = cli("init", "--command", "python train.py", cwd=again, env=env)
     assert out.returncode == 0, out.stderr
     assert f"`python` here ({stub}) cannot import optuna; {sys.executable} can" in out.stdout
+
+
+def _nano_spec(editable: list[str]) -> str:
+    return f"""\
+[objective]
+metric = "val_loss"
+pattern = "val loss ([0-9.]+)"
+[run]
+command = "python train.py config/small.py"
+budget_seconds = 10
+timeout_seconds = 30
+[files]
+editable = {editable!r}
+[search]
+strategy = "perturb"
+knobs = ["learning_rate"]
+[judge]
+mode = "greedy"
+""".replace("'", '"')
+
+
+def test_an_edit_that_a_config_file_sets_again_tests_nothing(make_repo, cli) -> None:
+    """train.py's learning_rate is edited, but config/small.py (not editable here) sets it
+    again before it is used: the run did not test the proposal, and says so."""
+    files = {**nanogpt_like(), "data/tiny/train.bin": "committed here, not ignored"}
+    del files[".gitignore"]
+    repo = make_repo(files, _nano_spec(["train.py"]))
+
+    out = cli("run", "-t", "t", "-n", "3", cwd=repo, timeout=120)
+
+    assert out.returncode == 0, out.stdout + out.stderr
+    cands = [r for r in rows(repo, "t") if not r["is_baseline"]]
+    assert cands and all(r["status"] == "discard" for r in cands), cands
+    assert all("the edit changed nothing at run time: learning_rate ran as 0.002" in r["reason"]
+               for r in cands), [r["reason"] for r in cands]
+    assert "(the edit changed nothing at run time: learning_rate ran as 0.002" in out.stdout
+    shown = cli("show", str(cands[0]["id"]), cwd=repo)
+    assert "the edit changed nothing" in shown.stdout and "learning_rate=0.002" in shown.stdout
+
+
+def test_an_edit_of_the_config_file_reaches_the_run(make_repo, cli) -> None:
+    files = {**nanogpt_like(), "data/tiny/train.bin": "committed here, not ignored"}
+    del files[".gitignore"]
+    repo = make_repo(files, _nano_spec(["train.py", "config/small.py"]))
+
+    out = cli("run", "-t", "t", "-n", "3", cwd=repo, timeout=120)
+
+    assert out.returncode == 0, out.stdout + out.stderr
+    cands = [r for r in rows(repo, "t") if not r["is_baseline"]]
+    assert cands and not any("the edit" in r["reason"] for r in cands)
+    for r in cands:
+        proposed = json.loads(r["knobs"])["learning_rate"]
+        assert json.loads(r["runtime_knobs"])["learning_rate"] == proposed
+        assert git(repo, "show", f"{r['commit_sha']}:config/small.py").count(
+            f"learning_rate = {proposed}") == 1
