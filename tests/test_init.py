@@ -9,7 +9,7 @@ import stat
 import sys
 from pathlib import Path
 
-from conftest import git, rows
+from conftest import git, rows, spec_toml, train_py
 from shapes import autoresearch_like, nanogpt_like
 
 from overnight.knobs import read_knobs
@@ -201,3 +201,18 @@ def test_an_edit_of_the_config_file_reaches_the_run(make_repo, cli) -> None:
         assert json.loads(r["runtime_knobs"])["learning_rate"] == proposed
         assert git(repo, "show", f"{r['commit_sha']}:config/small.py").count(
             f"learning_rate = {proposed}") == 1
+
+
+def test_run_says_when_the_script_ignores_the_budget(make_repo, cli) -> None:
+    files = {**nanogpt_like(), "data/tiny/train.bin": "committed here, not ignored"}
+    del files[".gitignore"]
+    repo = make_repo(files, _nano_spec(["train.py", "config/small.py"]))
+    out = cli("run", "-t", "t", "-n", "1", cwd=repo, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "never read OVERNIGHT_BUDGET_SECONDS: a run lasts as long as the script decides, " \
+           "up to timeout_seconds (30 s)" in out.stdout
+
+    reads = make_repo({"train.py": train_py()}, spec_toml())
+    out = cli("run", "-t", "t", "-n", "1", cwd=reads, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "never read" not in out.stdout

@@ -64,6 +64,9 @@ def run_loop(ws: Workspace, console: Console, tag: str | None = None,
             console.print('[bold yellow]warning:[/] sandbox = "none": experiments run '
                           "unboxed and can read and change everything overnight can (the "
                           "ledger, .git, your secrets); tampering is detected, not prevented")
+        unread = _budget_unread(ws, spec)
+        if unread:
+            console.print(f"[yellow]note:[/] {unread}", highlight=False)
         if leftovers:
             console.print(f"killed {leftovers} orphaned process(es) a stopped `overnight run` "
                           "left behind")
@@ -86,3 +89,17 @@ def run_loop(ws: Workspace, console: Console, tag: str | None = None,
             executor.shutdown()
     finally:
         ledger.close()
+
+
+def _budget_unread(ws: Workspace, spec) -> str | None:  # noqa: ANN001
+    """Say so when nothing the run executes reads OVERNIGHT_BUDGET_SECONDS: the budget the
+    header shows is then not what limits a run (its iterations, or a protected constant)."""
+    from overnight.survey import BUDGET_ENV
+
+    paths = sorted(ws.repo.tracked("HEAD", spec.files.editable + spec.files.protected))
+    texts = ws.repo.read_files("HEAD", paths).values()
+    if any(BUDGET_ENV in t for t in texts) or BUDGET_ENV in spec.run.command:
+        return None
+    return (f"{', '.join(paths)} never read {BUDGET_ENV}: a run lasts as long as the script "
+            f"decides, up to timeout_seconds ({spec.run.timeout_seconds:g} s), whatever the "
+            "budget above says")
