@@ -26,7 +26,7 @@ from overnight.spec import Bound
 _NUMBER = r"([-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)"
 # The words just before a formatted value: `val loss ` in f", val loss {x:.4f}".
 _WORD = r"[A-Za-z][A-Za-z0-9_]*"
-_PHRASE = re.compile(rf"({_WORD}(?:[ \t]+{_WORD}){{0,3}})[ \t]*[:=]?[ \t]*$")
+_PHRASE = re.compile(rf"(?<![\w%])({_WORD}(?:[ \t]+{_WORD}){{0,3}})[ \t]*[:=]?[ \t]*$")
 
 
 @dataclass(frozen=True)
@@ -477,3 +477,41 @@ def _reporter(func: ast.expr) -> bool:
     if isinstance(func, ast.Name):
         return func.id == "print"
     return isinstance(func, ast.Attribute) and func.attr in _REPORTERS
+
+
+# -- data git ignores ---------------------------------------------------------------------------
+
+_NOT_DATA = {".overnight", ".venv", "venv", "__pycache__", ".pytest_cache", ".ruff_cache",
+             ".mypy_cache", "node_modules", "wandb", "build", "dist", ".ipynb_checkpoints",
+             "overnight-demo", ".git"}
+
+
+def ignored_data(ignored: Iterable[str], sources: Iterable[str]) -> list[str]:
+    """Of the paths git ignores (`git ls-files --others --ignored --exclude-standard
+    --directory`), the directories (or files) the script seems to read: their first
+    component is a string in its source (`os.path.join("data", dataset)`). A run is built
+    from the commit, so without `[run] data` it would not have them."""
+    literals: set[str] = set()
+    for text in sources:
+        try:
+            tree = ast.parse(text)
+        except (SyntaxError, ValueError):
+            continue
+        literals |= {n.value.strip("/") for n in ast.walk(tree)
+                     if isinstance(n, ast.Constant) and isinstance(n.value, str)
+                     and 0 < len(n.value) < 200}
+    heads = {lit.split("/")[0] for lit in literals if lit}
+    found: list[str] = []
+    for path in ignored:
+        path = path.rstrip("/")
+        parts = path.split("/")
+        outputs = ("out", "output", "checkpoint", "ckpt", "log", "runs", "results")
+        if not path or any(p in _NOT_DATA or p.endswith(".egg-info") for p in parts) \
+                or parts[0].lower().startswith(outputs):
+            continue
+        if parts[0] not in heads:
+            continue
+        where = "/".join(parts[:-1]) if len(parts) > 1 else path
+        if where not in found:
+            found.append(where)
+    return [p for p in found if not any(p != q and p.startswith(q + "/") for q in found)]

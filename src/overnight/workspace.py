@@ -205,8 +205,17 @@ def write_init(root: Path, command: str | None, metric: str | None, direction: s
     notes += list(budget.notes)
     space = survey.search_space(texts, scope, budget, metric)
     seconds = budget.seconds or 300
+    ignored = repo.git("ls-files", "--others", "--ignored", "--exclude-standard",
+                       "--directory").splitlines()
+    from overnight.spec import Run
+
+    data = survey.ignored_data(ignored, texts.values()) if "data" in Run.model_fields else []
+    if data:
+        notes.append(f"{', '.join(data)} {'is' if len(data) == 1 else 'are'} ignored by git, "
+                     "so runs (built from the commit) would not have them: [run] data makes "
+                     "them available read-only in every run")
     text = render_spec(command, metric, direction, editable, protected, budget=seconds,
-                       timeout=max(600, 2 * seconds), pattern=pattern, space=space)
+                       timeout=max(600, 2 * seconds), pattern=pattern, space=space, data=data)
     spec = parse_spec(tomllib.loads(text))
     spec_path.write_text(text)
     program = repo.root / spec.proposer.program
@@ -274,7 +283,7 @@ def _toml_list(items: list[str]) -> str:
 def render_spec(command: str, metric: str, direction: str, editable: list[str],
                 protected: list[str], budget: float = 300, timeout: float = 600,
                 strategy: str = "perturb", pattern: str | None = None,
-                space: Space | None = None) -> str:
+                space: Space | None = None, data: list[str] | None = None) -> str:
     how = ("read with the pattern below" if pattern else
            f"printed as `{metric}: <number>` or `METRIC {metric}=<n>`")
     lines = [
@@ -294,6 +303,8 @@ def render_spec(command: str, metric: str, direction: str, editable: list[str],
         f"budget_seconds = {budget:g}          # given to the script as OVERNIGHT_BUDGET_SECONDS",
         f"timeout_seconds = {timeout:g}        # hard kill of the whole process group",
         "parallel = 1                 # slots; \"gpus\" for one slot per visible GPU",
+        *([f"data = {_toml_list(data)}  # ignored by git: read-only in every run"]
+          if data else []),
         "",
         "[files]",
         f"editable = {_toml_list(editable)}",
