@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import math
 import random
+from decimal import Decimal
 from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass
 from itertools import product
@@ -109,8 +110,8 @@ class KnobRange:
         # 4 significant digits (of 1 - x on a log1m scale: 0.99912 is 0.9991), unless rounding
         # would leave the range (bounds like 1.23456e-4).
         for digits in (4, 6, 9, 17):
-            if self.scale == "log1m":
-                v = 1 - float(format_value(1 - x, digits=digits))
+            if self.scale == "log1m":  # in decimal: 1 - 0.1377 is 0.8623, not 0.86230000001
+                v = float(Decimal(1) - Decimal(format_value(1 - x, digits=digits)))
             else:
                 v = float(format_value(x, digits=digits))
             if self.lo <= v <= self.hi:
