@@ -107,6 +107,11 @@ class Direction(str, Enum):
     higher = "higher"
 
 
+class Executor(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
 class Format(str, Enum):
     tsv = "tsv"
     jsonl = "jsonl"
@@ -163,6 +168,9 @@ def run(
     tag: TagOpt = None,
     budget: Annotated[float | None, typer.Option(min=0.001, help="Seconds per experiment "
                       "(overrides budget_seconds in overnight.toml).")] = None,
+    executor: Annotated[Executor | None, typer.Option(
+        help="Where experiments run: this machine's slots, or the Ray cluster of the [ray] "
+        "section (overrides [run] executor).")] = None,
     accept_spec_change: Annotated[bool, typer.Option(
         "--accept-spec-change", help="Resume a tag although overnight.toml now measures "
         "differently (command, budget, objective, files...) than when its baseline ran; "
@@ -179,7 +187,8 @@ def run(
 
     ws = Workspace.open(repo)
     outcome = run_loop(ws, console, tag, max_experiments, parallel, budget,
-                       accept_spec_change=accept_spec_change)
+                       accept_spec_change=accept_spec_change,
+                       executor_kind=executor.value if executor else None)
     _summary(ws, outcome.tag)
     console.print(f"stopped: {outcome.stopped_because}")
     if outcome.interrupted:

@@ -97,6 +97,7 @@ class Loop:
         self.scope = Scope.of(spec)  # which constants are knobs, and their homes
         self._runs = judge.Runs()  # every measured run, by candidate; the noise they show
         self._waiting: set[int] = set()  # confirm candidates waiting for the noise figure
+        self._stopping = False  # interrupted: lost runs are left for the next resume
 
     # -- the main path -----------------------------------------------------------
 
@@ -655,7 +656,34 @@ class Loop:
             self._pin_spec()
             self._top_up_baseline(row)
         self.report.finished(row, self._incumbent(), self._counted())
+        if row.status == Status.LOST and not self._stopping:
+            self._rerun(row)
         return row
+
+    def _rerun(self, row: Row) -> None:
+        """A run lost while the loop goes on (its Ray worker or node died): run it again, a
+        bounded number of times; the retry is a row of its own (retry_of), never a silent
+        second try."""
+        rows = list(self._rows.values())
+        if row.repeat_of is not None:
+            cand = self._get(row.repeat_of)
+            if cand is None:
+                return
+            lost = sum(1 for r in rows if r.repeat_of == cand.id and r.status == Status.LOST)
+            if lost > MAX_LOST_RETRIES:
+                if cand.status == Status.CONFIRM:
+                    self._decide(cand, f"its runs were lost {lost} times")
+                return
+            if cand.is_baseline:
+                self._top_up_baseline(cand)
+            elif cand.status == Status.CONFIRM:
+                self._queue_repeat(cand)
+            return
+        depth = self._retry_depth(row, rows)
+        if row.commit_sha and (row.is_baseline or depth < MAX_LOST_RETRIES):
+            self._redo.append(row)
+        else:
+            self._give_up(row, depth + 1)
 
     def _conclude(self, cand: Row, decision: Decision, inc: Row | None) -> None:
         """A candidate decided on all its runs (they are recorded already)."""
@@ -724,6 +752,7 @@ class Loop:
 
     def _interrupt(self) -> None:
         """Ctrl-C or a halt: kill what runs, record it as lost (a later run redoes it)."""
+        self._stopping = True
         self.report.note("stopping: killing running experiments...")
         self.executor.cancel_all()
         for fut, job in list(self._pending.items()):

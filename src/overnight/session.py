@@ -37,9 +37,12 @@ def runs_root(ws: Workspace, box: str) -> Path:
 
 def run_loop(ws: Workspace, console: Console, tag: str | None = None,
              max_experiments: int | None = None, parallel: int | None = None,
-             budget: float | None = None, accept_spec_change: bool = False) -> Outcome:
+             budget: float | None = None, accept_spec_change: bool = False,
+             executor_kind: str | None = None) -> Outcome:
     spec = ws.spec
     run = spec.run
+    if executor_kind is not None:
+        run = run.model_copy(update={"executor": executor_kind})
     if budget is not None:
         # A longer budget than the spec's timeout would be killed: stretch the timeout with it.
         timeout = max(run.timeout_seconds, budget * 2)
@@ -49,12 +52,10 @@ def run_loop(ws: Workspace, console: Console, tag: str | None = None,
     spec = spec.model_copy(update={"run": run})
     ws.preflight()
     leftovers = cgroups.sweep()  # what a harness killed with -9 left behind
-    slots, gpus = resolve_slots(run.parallel)
     ledger = ws.ledger()
     try:
         tag = check_tag(tag or default_tag(ledger))
-        executor = LocalExecutor(slots, gpus)
-        where = f"{slots} GPU slot(s)" if gpus else f"{slots} CPU slot(s)"
+        executor, where = _executor(spec, run, parallel, console)
         total = f", up to {max_experiments} runs" if max_experiments else ""
         box = sandbox.resolve(run.sandbox)
         console.print(f"[bold]overnight[/] tag [bold]{tag}[/] on {where}, budget "
@@ -89,6 +90,23 @@ def run_loop(ws: Workspace, console: Console, tag: str | None = None,
             executor.shutdown()
     finally:
         ledger.close()
+
+
+def _executor(spec, run, parallel: int | None, console: Console):  # noqa: ANN001, ANN202
+    """The executor the spec asks for, and where its slots are, in words."""
+    if run.executor == "ray":
+        from overnight.executors.ray import RayExecutor
+
+        if parallel is not None or run.parallel != 1:
+            console.print("[yellow]warning:[/] [run] parallel is ignored under Ray: "
+                          "[ray] max_slots (default: what the cluster holds) says how many "
+                          "experiments run at once", highlight=False)
+        executor = RayExecutor(spec.ray, run.kill_grace_seconds)
+        return executor, (f"{executor.slots} Ray slot(s) of "
+                          f"{', '.join(f'{k} {v:g}' for k, v in spec.ray.slot_resources.items())}")
+    slots, gpus = resolve_slots(run.parallel)
+    executor = LocalExecutor(slots, gpus)
+    return executor, f"{slots} GPU slot(s)" if gpus else f"{slots} CPU slot(s)"
 
 
 def _budget_unread(ws: Workspace, spec) -> str | None:  # noqa: ANN001

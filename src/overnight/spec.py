@@ -7,7 +7,7 @@ import operator
 import re
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -100,6 +100,7 @@ class Run(_Section):
     checks_timeout_seconds: float = Field(default=600, gt=0)
     on_tamper: Literal["halt", "continue"] = "halt"
     attest: bool = True  # record what Python actually executed (sitecustomize hook)
+    executor: Literal["local", "ray"] = "local"  # ray: the [ray] section's cluster
 
     @field_validator("parallel")
     @classmethod
@@ -242,6 +243,26 @@ class Judge(_Section):
     prefer_simpler: bool = False  # keep an as-good candidate with fewer lines of code
 
 
+class RaySpec(_Section):
+    """The Ray cluster the experiments run on ([run] executor = "ray")."""
+
+    address: str = "auto"  # "auto": the cluster this machine is part of; or "ray://head:10001"
+    # What one slot (one experiment) asks Ray for: { GPU = 1 }, { CPU = 2 }, custom resources.
+    slot_resources: dict[str, float] = Field(default_factory=lambda: {"GPU": 1.0})
+    max_slots: int | None = Field(default=None, ge=1)  # default: as many as the cluster holds
+    # Passed to ray.init: how workers get the experiment's environment when the cluster's
+    # image does not have it (env_vars, pip, conda, ...). Default: the image's.
+    runtime_env: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("slot_resources")
+    @classmethod
+    def _positive(cls, v: dict[str, float]) -> dict[str, float]:
+        if not v or any(not (x > 0 and math.isfinite(x)) for x in v.values()):
+            raise ValueError("must name at least one resource, each a positive number, "
+                             "e.g. { GPU = 1 } or { CPU = 1 }")
+        return v
+
+
 class Spec(_Section):
     objective: Objective
     run: Run
@@ -252,6 +273,7 @@ class Spec(_Section):
     evaluate: Evaluate | None = None
     llm: LLM | None = None
     agent: Agent | None = None
+    ray: RaySpec = Field(default_factory=RaySpec)
 
     @model_validator(mode="after")
     def _proposer_configured(self) -> Spec:

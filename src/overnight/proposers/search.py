@@ -49,9 +49,9 @@ from __future__ import annotations
 
 import math
 import random
-from decimal import Decimal
 from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from itertools import product
 from typing import TYPE_CHECKING, Literal
 

@@ -1,0 +1,87 @@
+"""The Ray executor on a real local Ray cluster (ray.cluster_utils.Cluster): two nodes with
+CPU slots, custom resources standing in for two GPU types."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import CLI, git, rows, spec_toml, train_py, wait_until
+from ray.cluster_utils import Cluster
+
+from overnight.executors.ray import WORKER_RUNS, worker_key
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"fast": 2}})
+    c.add_node(num_cpus=2, resources={"big": 2})
+    c.wait_for_nodes()
+    yield c
+    c.shutdown()
+
+
+def _ray_spec(address: str, extra_ray: str = "", extra_run: str = "", **kw: object) -> str:
+    return spec_toml(**kw, extra_run='executor = "ray"\n' + extra_run) + (
+        f'[ray]\naddress = "{address}"\nslot_resources = {{ CPU = 1 }}\n{extra_ray}')
+
+
+def test_a_loop_runs_on_ray_workers(make_repo, cli, cluster: Cluster) -> None:
+    repo = make_repo({"train.py": train_py(0.001)},
+                     _ray_spec(cluster.address, strategy="perturb"))
+    out = cli("run", "-t", "r", "-n", "5", cwd=repo, timeout=240)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Ray slot(s) of CPU 1" in out.stdout
+    ran = rows(repo, "r")
+    assert len(ran) == 5 and all(r["status"] in ("keep", "discard") for r in ran), \
+        [(r["status"], r["reason"]) for r in ran]
+    for r in ran:
+        assert "on node" in r["hardware"], r["hardware"]
+        log = Path(r["log_path"]).read_text()
+        assert "val_loss:" in log  # streamed back and written on the head
+        assert json.loads(r["integrity"])["sandbox"]
+    # Every worker's run directory was removed once its results came back.
+    workers = Path(tempfile.gettempdir()) / WORKER_RUNS
+    for r in ran:
+        key = worker_key(Path(r["log_path"]).parent)
+        assert not list(workers.glob(f"{key}-*")), r["id"]
+
+
+def test_a_node_that_dies_mid_experiment_loses_it_and_it_runs_again(make_repo, cli_env,
+                                                                     tmp_path) -> None:
+    """The node running the baseline is removed while it runs: the run is `lost` and runs
+    again on the node that is left; the ledger and the branch agree."""
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    doomed = c.add_node(num_cpus=1)
+    c.wait_for_nodes()
+    try:
+        slow = train_py(0.001, extra="time.sleep(float(os.environ.get('SLOW', '0')))")
+        repo = make_repo({"train.py": slow}, _ray_spec(
+            c.address, strategy="perturb", budget=30, timeout=60,
+            extra_run='env = { SLOW = "6" }\n'))
+        proc = subprocess.Popen([*CLI, "run", "-t", "d", "-n", "2"], cwd=repo, env=cli_env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wait_until(lambda: any(r["status"] == "running" for r in rows(repo, "d")),
+                 timeout=60, what="the baseline to start")
+        time.sleep(1.5)
+        c.add_node(num_cpus=1)
+        c.remove_node(doomed)
+        out, _ = proc.communicate(timeout=240)
+        assert proc.returncode == 0, out
+        ran = rows(repo, "d")
+        lost = [r for r in ran if r["status"] == "lost"]
+        assert len(lost) == 1 and lost[0]["is_baseline"], [(r["status"], r["reason"]) for r in ran]
+        assert "worker running it died" in lost[0]["reason"] or "node" in lost[0]["reason"]
+        redone = [r for r in ran if r["retry_of"] == lost[0]["id"]]
+        assert len(redone) == 1 and redone[0]["status"] == "keep"
+        measured = [r for r in ran if r["status"] in ("keep", "discard")]
+        assert len(measured) == 2  # nothing lost, nothing counted twice
+        keeps = [r["kept_commit"] for r in ran if r["status"] == "keep"]
+        assert git(repo, "rev-parse", "overnight/d") == keeps[-1]
+    finally:
+        c.shutdown()
