@@ -4,6 +4,8 @@ CPU slots, custom resources standing in for two GPU types."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import tempfile
 import time
@@ -11,8 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import CLI, git, rows, spec_toml, train_py, wait_until
+from conftest import CLI, alive, git, rows, spec_toml, train_py, wait_until
 from ray.cluster_utils import Cluster
+from test_scheduler import HANG, TAG, UNBOXED, Background, wait_for_hanging_candidate
 
 from overnight.executors.ray import WORKER_RUNS, worker_key
 
@@ -85,3 +88,35 @@ def test_a_node_that_dies_mid_experiment_loses_it_and_it_runs_again(make_repo, c
         assert git(repo, "rev-parse", "overnight/d") == keeps[-1]
     finally:
         c.shutdown()
+
+
+@pytest.fixture
+def background(cli_env: dict[str, str], tmp_path: Path) -> Iterator[Background]:
+    bg = Background(cli_env, tmp_path)
+    yield bg
+    bg.cleanup()
+
+
+def test_ctrl_c_cancels_ray_tasks_and_resume_redoes_them(make_repo, cli, cluster: Cluster,
+                                                         background: Background) -> None:
+    repo = make_repo({"train.py": train_py(0.001, HANG)}, _ray_spec(
+        cluster.address, strategy="grid", grace=1, extra_run=UNBOXED + "\n"))
+    proc = background(repo, "-n", "3", TEST_HANG="candidates")
+    hung, pids = wait_for_hanging_candidate(repo, background)
+
+    t0 = time.monotonic()
+    os.kill(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=30) == 130, background.output()
+    assert time.monotonic() - t0 < 10
+    for pid in pids:  # the script and the child it started, on the worker
+        wait_until(lambda pid=pid: not alive(pid), 10, f"experiment process {pid} to be gone")
+    row = next(r for r in rows(repo, TAG) if r["id"] == hung["id"])
+    assert row["status"] == "lost" and "interrupted" in row["reason"], row["reason"]
+    assert not [r for r in rows(repo, TAG) if r["status"] in ("queued", "running")]
+
+    out = cli("run", "-t", TAG, "-n", "3", cwd=repo, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rs = rows(repo, TAG)
+    redo = [r for r in rs if r["retry_of"] == hung["id"]]
+    assert len(redo) == 1 and redo[0]["status"] in ("keep", "discard")
+    assert len([r for r in rs if r["status"] != "lost"]) == 3

@@ -103,7 +103,7 @@ class RayExecutor(Executor):
         if self._cancelled.is_set():
             return RunResult("lost", None, started, started, reason="interrupted before start")
         _fresh_local(req.run_dir)
-        task = self._run.remote(req)
+        task = self._run.remote(_carry_env(req))
         with self._lock:
             self._live[req.experiment_id] = task
         result: RunResult | None = None
@@ -130,7 +130,8 @@ class RayExecutor(Executor):
         def drive() -> CheckResult:
             ray = _ray()
             try:
-                ok, reason, log = ray.get(self._check.remote(request, command, timeout))
+                ok, reason, log = ray.get(self._check.remote(_carry_env(request), command,
+                                                             timeout))
             except Exception as e:  # noqa: BLE001
                 return CheckResult(False, f"the checks could not run: {_why_lost(e, ray)}")
             path = request.run_dir / "checks.log"
@@ -161,6 +162,13 @@ class RayExecutor(Executor):
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True)
+
+
+def _carry_env(req: RunRequest) -> RunRequest:
+    """The worker's environment is not the harness's: the variables `[run] allow_env` lets
+    the experiment see travel with the request, with the values they have here."""
+    carried = {k: os.environ[k] for k in req.allow_env if k in os.environ}
+    return dataclasses.replace(req, env={**carried, **req.env})
 
 
 def _cancel(ray: Any, task: Any, force: bool) -> None:
