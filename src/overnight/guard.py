@@ -39,9 +39,10 @@ class Verdict:
 class RunGuard:
     """`with RunGuard(...) as g:` around the launch; then `g.verdict(attestation)`."""
 
-    def __init__(self, tree: Tree, workdir: Path):
+    def __init__(self, tree: Tree, workdir: Path, data: tuple[str, ...] = ()):
         # Committed bytes only, no repository: the runner may be on a machine without one.
         self.tree, self.workdir = tree, workdir
+        self.data = frozenset(data)  # [run] data in the tree: put there by the runner
         self.manifest = Manifest.of_tree(tree)
         self.watch = Watch(workdir, self.manifest)
         self.pre: list = []
@@ -51,7 +52,7 @@ class RunGuard:
     def __enter__(self) -> RunGuard:
         # Watch first, then check: nothing can change unseen between the two.
         self.watch.start()
-        self.pre = verify(self.manifest, self.workdir, outputs_ok=False)
+        self.pre = verify(self.manifest, self.workdir, outputs_ok=False, skip=self.data)
         return self
 
     @property
@@ -65,7 +66,7 @@ class RunGuard:
     def __exit__(self, *exc: object) -> None:
         self.exited_at = time.time()
         self.watch.stop()
-        self.post = verify(self.manifest, self.workdir)
+        self.post = verify(self.manifest, self.workdir, skip=self.data)
 
     def verdict(self, attestation: Path | None) -> Verdict:
         report = TamperReport.build(

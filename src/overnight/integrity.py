@@ -149,13 +149,15 @@ class Change:
                    Entry(**d["found"]) if d["found"] else None, d["tampering"])
 
 
-def verify(expected: Manifest, root: Path, outputs_ok: bool = True) -> list[Change]:
+def verify(expected: Manifest, root: Path, outputs_ok: bool = True,
+           skip: frozenset[str] = frozenset()) -> list[Change]:
     """Every difference between `root` now and the manifest, sorted by path.
 
     Committed files are hashed again; other files are listed as "added" without being read
     (outputs may be checkpoints of many GB). With `outputs_ok`, an added file is an output
     (`tampering=False`) and a directory holding no committed file is listed once, not walked;
     without it (before launch, when the tree must be exactly the commit) everything counts.
+    `skip`: paths the runner put there ([run] data, read-only), not the run's doing.
     """
     root = Path(root)
     holding = expected.dirs
@@ -163,10 +165,12 @@ def verify(expected: Manifest, root: Path, outputs_ok: bool = True) -> list[Chan
     seen: set[str] = set()
 
     def descend(rel_dir: str) -> bool:
+        if rel_dir.rstrip("/") in skip:
+            return False
         return not is_output(rel_dir) and (not outputs_ok or rel_dir in holding)
 
     for rel, path, st in _walk(root, descend):
-        if is_output(rel):
+        if is_output(rel) or rel.rstrip("/") in skip:
             continue
         want = expected.entries.get(rel)
         if want is None:

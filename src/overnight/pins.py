@@ -95,6 +95,8 @@ def spec_record(spec: Spec) -> dict[str, dict[str, object]]:
         "run.sandbox": run.sandbox,
         "run.attest": run.attest,
     }
+    if run.data:  # absent when empty: a tag pinned before the key existed still matches
+        measure["run.data"] = list(run.data)
     dumped = spec.model_dump(mode="json")
     if dumped.get("data") is not None:
         measure["data"] = dumped["data"]

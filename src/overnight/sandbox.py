@@ -295,6 +295,7 @@ class Box:
     devices: list[str] = field(default_factory=list)
     network: bool = False
     tmp_bytes: int = 4 << 30
+    mounts: list[tuple[str, str]] = field(default_factory=list)  # (source, place): read-only
 
 
 def bwrap_args(bw: Bwrap, box: Box) -> list[str]:
@@ -343,6 +344,8 @@ def bwrap_args(bw: Bwrap, box: Box) -> list[str]:
         for rel in box.readonly_files:
             p = os.path.join(work, rel)
             args += ["--ro-bind", p, p]
+    for source, place in box.mounts:  # [run] data, over the placeholders the runner made
+        args += ["--ro-bind", source, place]
     return args + ["--chdir", work]
 
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from overnight import admission, judge, pins
+from overnight import admission, data, judge, pins
+from overnight.data import Data
 from overnight.errors import ConfigError, IntegrityHalt, OvernightError
 from overnight.executors.base import CheckResult, Executor, RunRequest, RunResult
 from overnight.history import History, experiment
@@ -68,7 +69,7 @@ class Loop:
     def __init__(self, repo: Repo, spec: Spec, ledger: Ledger, executor: Executor, tag: str,
                  proposer_factory, max_experiments: int | None = None,
                  reporter: Reporter | None = None, runs_root: Path | None = None,
-                 accept_spec_change: bool = False):
+                 accept_spec_change: bool = False, data: Data | None = None):
         self.repo = repo
         self.spec = spec
         self.ledger = ledger
@@ -79,6 +80,8 @@ class Loop:
         self.report = reporter or SilentReporter()
         self.runs_root = runs_root or repo.root / ".overnight" / "runs"
         self.accept_spec_change = accept_spec_change  # measure differently than the pin
+        self.data = data or Data()  # [run] data: pinned with the spec, watched between runs
+        self._data_key = self.data.stat_key()
         self.proposer: Proposer | None = None
         self._pending: dict[Future, _Job] = {}
         self._redo: list[Row] = []  # queued rows to launch, or lost/tampered rows to retry
@@ -460,13 +463,14 @@ class Loop:
             devices=tuple(run.devices), project_venv=venv if venv.is_dir() else None,
             tmp_bytes=run.tmp_size_mb << 20, max_processes=run.max_processes,
             objective=self.spec.objective.metric, pattern=self.spec.objective.pattern,
-            knob_names=tuple(sorted(self.scope.named)),
+            knob_names=tuple(sorted(self.scope.named)), data=self.data.pairs,
         )
 
     def _record(self, job: _Job, result: RunResult) -> None:
         """Judge a finished run; a would-be keep goes through the checks gate first."""
         row = job.row
         self._verify_before_judging(row)
+        self._check_data()
         run = judge.outcome(result, self.spec.objective.metric)
         if result.status == "error":
             self._finish(row, result, Decision(Status.LOST, reason=result.reason))
@@ -786,10 +790,24 @@ class Loop:
 
     def _pin_spec(self) -> None:
         pins.pin_spec(self.ledger, self.tag, self.spec)
+        if self.data.pairs:
+            data.pin(self.ledger, self.tag, self.data)
 
     def _check_spec(self) -> None:
         pins.check_spec(self.ledger, self.tag, self.spec, self.accept_spec_change,
                         self.report.note)
+        if self.data.pairs:
+            data.check(self.ledger, self.tag, self.data, self.accept_spec_change,
+                       self.report.note)
+
+    def _check_data(self) -> None:
+        """Between runs: the data's sizes and times, and its hashes once they moved."""
+        if not self.data.pairs:
+            return
+        key = self.data.stat_key()
+        if key != self._data_key:
+            self._data_key = key
+            data.check(self.ledger, self.tag, self.data, False, self.report.note)
 
     def _check_branch(self) -> None:
         pins.check_branch(self.repo, self.ledger, self.tag, self.report.note)

@@ -79,7 +79,7 @@ def run_loop(ws: Workspace, console: Console, tag: str | None = None,
                     proposer_factory=lambda files: make_proposer(
                         spec, files, ws.repo, scratch),
                     max_experiments=max_experiments, reporter=reporter,
-                    runs_root=runs, accept_spec_change=accept_spec_change)
+                    runs_root=runs, accept_spec_change=accept_spec_change, data=ws.data())
         try:
             with reporter:
                 return loop.run()

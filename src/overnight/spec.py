@@ -101,6 +101,8 @@ class Run(_Section):
     on_tamper: Literal["halt", "continue"] = "halt"
     attest: bool = True  # record what Python actually executed (sitecustomize hook)
     executor: Literal["local", "ray"] = "local"  # ray: the [ray] section's cluster
+    # Paths git ignores (datasets), read-only in every run at the same relative path.
+    data: list[str] = Field(default_factory=list)
 
     @field_validator("parallel")
     @classmethod

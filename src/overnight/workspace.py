@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from overnight import sandbox
+from overnight.data import Data
+from overnight.data import resolve as resolve_data
 from overnight.errors import ConfigError, OvernightError
 from overnight.ledger import Ledger, Row, unwritable
 from overnight.snapshot import Repo
@@ -49,6 +51,10 @@ class Workspace:
         finally:
             ledger.close()
 
+    def data(self) -> Data:
+        """`[run] data`, resolved and checked."""
+        return resolve_data(self.repo, self.spec.run.data)
+
     def preflight(self) -> None:
         """Refuse to run on files that differ from what is committed."""
         self.repo.head()
@@ -66,6 +72,7 @@ class Workspace:
                 "fix the path in overnight.toml or commit the file"
             )
         sandbox.resolve(self.spec.run.sandbox)  # exit 2 now, not in every run
+        self.data()  # exit 2 now: a dataset that is missing or is not one
         why = unwritable(self.state / LEDGER_FILE)
         if why is not None:
             raise OvernightError(f"overnight run records every experiment in "
@@ -207,9 +214,7 @@ def write_init(root: Path, command: str | None, metric: str | None, direction: s
     seconds = budget.seconds or 300
     ignored = repo.git("ls-files", "--others", "--ignored", "--exclude-standard",
                        "--directory").splitlines()
-    from overnight.spec import Run
-
-    data = survey.ignored_data(ignored, texts.values()) if "data" in Run.model_fields else []
+    data = survey.ignored_data(ignored, texts.values())
     if data:
         notes.append(f"{', '.join(data)} {'is' if len(data) == 1 else 'are'} ignored by git, "
                      "so runs (built from the commit) would not have them: [run] data makes "

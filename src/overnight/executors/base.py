@@ -44,6 +44,8 @@ class RunRequest:
     objective: str | None = None
     pattern: str | None = None
     knob_names: tuple[str, ...] = ()  # lowercase knobs whose values at exit are recorded
+    # [run] data: (path in the run, absolute source) pairs, read-only in the run.
+    data: tuple[tuple[str, str], ...] = ()
 
     @property
     def commit(self) -> str:

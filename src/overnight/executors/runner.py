@@ -54,6 +54,7 @@ class Launch:
     tmp_bytes: int = 4 << 30
     max_processes: int = 4096
     slot: int = 0  # the slot's own uid, for sandbox "user"
+    mounts: list[tuple[str, str]] = field(default_factory=list)  # [run] data, read-only
     listeners: list[Callable[[bytes], None]] = field(default_factory=list)
 
     @classmethod
@@ -88,6 +89,7 @@ def _run(req: RunRequest, cancel: threading.Event, hardware: str, gpu: str | Non
     mode = sandbox.resolve(req.sandbox)
     _fresh(req.run_dir)
     req.tree.write(req.workdir)
+    mounts = place_data(req, req.workdir, mode)
     req.artifacts.mkdir()
     req.attest_path.parent.mkdir()
     env, withheld = _env(req, gpu)
@@ -98,10 +100,10 @@ def _run(req: RunRequest, cancel: threading.Event, hardware: str, gpu: str | Non
     listeners = [stream.feed] + ([on_output] if on_output else [])
     launch = Launch.of(req, req.command, req.workdir, req.log_path, req.timeout_seconds,
                        req.tree, writable=[req.artifacts, req.attest_path.parent],
-                       listeners=listeners)
+                       listeners=listeners, mounts=mounts)
     if mode == "user":
         share_tree(req.workdir, launch.readonly_files)
-    guard = RunGuard(req.tree, req.workdir)
+    guard = RunGuard(req.tree, req.workdir, tuple(rel for rel, _ in req.data))
     ran = None
     with guard:
         if not guard.tampered_before_launch:  # never run what is not the commit
@@ -131,9 +133,10 @@ def check(req: RunRequest, command: str, timeout: float, cancel: threading.Event
     try:
         mode = sandbox.resolve(req.sandbox)
         where = _scratch(req.run_dir, "checks-", req.tree)
+        mounts = place_data(req, where, mode)
         env, _ = _env(req, gpu)
-        ran = spawn(mode, Launch.of(req, command, where, log, timeout, req.tree), env, cancel,
-                    f"{req.experiment_id}-checks")
+        ran = spawn(mode, Launch.of(req, command, where, log, timeout, req.tree, mounts=mounts),
+                    env, cancel, f"{req.experiment_id}-checks")
     except (OSError, OvernightError, ValueError) as e:
         return CheckResult(False, f"the checks could not run: {e}", log)
     finally:
@@ -160,6 +163,28 @@ def _fresh(run_dir: Path) -> None:
             else run_dir.unlink()
     run_dir.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
     run_dir.mkdir(mode=0o700)
+
+
+def place_data(req: RunRequest, cwd: Path, mode: str) -> list[tuple[str, str]]:
+    """Make `[run] data` appear at its paths under `cwd`: a placeholder to bind the source
+    over, read-only (bwrap, returned as mounts), or a link to it (user, none)."""
+    mounts = []
+    for rel, source in req.data:
+        place = cwd / rel
+        if place.exists() or place.is_symlink():
+            raise OvernightError(f"[run] data {rel}: the commit has a file there; a dataset "
+                                 "cannot replace committed files")
+        if not os.path.exists(source):
+            raise OvernightError(f"[run] data {rel}: {source} does not exist on this machine "
+                                 "(every node that runs experiments needs the data at the same "
+                                 "path)")
+        place.parent.mkdir(parents=True, exist_ok=True)
+        if mode == "bwrap":
+            place.mkdir() if os.path.isdir(source) else place.touch()
+            mounts.append((source, str(place)))
+        else:
+            place.symlink_to(source)
+    return mounts
 
 
 def _scratch(run_dir: Path, prefix: str, tree: Tree) -> Path:
@@ -210,6 +235,7 @@ def spawn(mode: str, launch: Launch, env: dict[str, str], cancel: threading.Even
                 workdir=launch.cwd, writable=launch.writable,
                 readable=[*sandbox.interpreter_paths(), *launch.readable],
                 hidden=launch.hidden, readonly_files=launch.readonly_files,
+                mounts=launch.mounts,
                 devices=launch.devices, network=launch.network, tmp_bytes=launch.tmp_bytes)
             args = sandbox.bwrap_args(bw, box)
             if bw.has_args:  # any number of binds, whatever the command-line limit
@@ -338,7 +364,7 @@ def _evaluate(req: RunRequest, mode: str, result: RunResult, env: dict[str, str]
     log = req.run_dir / "eval.log"
     stream = _stream(req)
     launch = Launch.of(req, req.evaluate or "", where, log, req.evaluate_timeout, tree,
-                       listeners=[stream.feed])
+                       listeners=[stream.feed], mounts=place_data(req, where, mode))
     launch.readable.append(req.artifacts)
     try:
         env = {k: v for k, v in env.items() if not k.startswith("OVERNIGHT_ATTEST")}
