@@ -322,7 +322,10 @@ class Judge:
 
     def checks(self, ok: bool, reason: str) -> Decision | None:
         """The checks of a would-be keep: None when they pass (the keep stands)."""
-        return None if ok else Decision(Status.CHECKS_FAILED, reason=reason)
+        if ok:
+            return None
+        return Decision(Status.CHECKS_FAILED,
+                        reason=f"checks {reason}" if reason.startswith("`") else reason)
 
     # -- helpers -----------------------------------------------------------------------
 

@@ -385,19 +385,21 @@ class Ledger:
             journal.append(("event", {"row": self._stored("events", int(cur.lastrowid))}))
 
     def mark_lost(self, tag: str, reason: str) -> list[Row]:
-        """Experiments a dead process left queued or running become `lost`, atomically."""
+        """Experiments a dead process left queued or running become `lost`, atomically; one
+        that never started says so rather than `reason`."""
         with self._writing() as journal:
             rows = self.experiments(tag, statuses=ACTIVE)
-            if rows:
-                now = time.time()
+            now = time.time()
+            for status, why in (("running", reason),
+                                ("queued", "never started: the loop stopped first")):
+                ids = [r.id for r in rows if r.status == status]
+                if not ids:
+                    continue
                 self.db.execute(
                     "UPDATE experiments SET status = 'lost', reason = ?, finished_at = ? "
-                    "WHERE tag = ? AND status IN ('queued', 'running')",
-                    (reason, now, tag),
-                )
+                    "WHERE tag = ? AND status = ?", (why, now, tag, status))
                 journal.append(("mark_lost", {
-                    "ids": [r.id for r in rows],
-                    "set": {"status": "lost", "reason": reason, "finished_at": now}}))
+                    "ids": ids, "set": {"status": "lost", "reason": why, "finished_at": now}}))
         return rows
 
     def add_note(self, text: str, tag: str | None = None) -> int:

@@ -15,7 +15,7 @@ from overnight.ledger import Ledger, Row
 from overnight.metrics import tail
 from overnight.spec import Judge as JudgeSpec
 from overnight.spec import Objective
-from overnight.status import ACTIVE, NOT_COUNTED, Status
+from overnight.status import ACTIVE, FAILED, NOT_COUNTED, Status
 from overnight.text import printable
 
 STATUS_STYLE = {
@@ -184,7 +184,8 @@ def status_view(ledger: Ledger, tag: str, objective: Objective,
                 judge_spec: JudgeSpec | None = None) -> Group:
     """`overnight status`: runs and candidates, baseline, best, noise, what is in flight."""
     rows = ledger.experiments(tag)
-    ran = [r for r in rows if r.status not in NOT_COUNTED]
+    failed_starts = [r for r in rows if r.is_baseline and r.status in FAILED | {Status.REJECTED}]
+    ran = [r for r in rows if r.status not in NOT_COUNTED and r not in failed_starts]
     candidates = [r for r in ran if r.repeat_of is None]
     repeats = [r for r in ran if r.repeat_of is not None]
     uncounted = [r for r in rows if r.status in NOT_COUNTED - ACTIVE]
@@ -194,6 +195,13 @@ def status_view(ledger: Ledger, tag: str, objective: Objective,
     lines: list = [Text(f"tag {tag}: {_plural(len(ran), 'run')}: "
                         f"{_plural(len(candidates), 'candidate')}, "
                         f"{_plural(len(repeats), 'repeat')}", style="bold")]
+    if failed_starts and baseline is None:
+        last = failed_starts[-1]
+        tries = f"{len(failed_starts)} {'try' if len(failed_starts) == 1 else 'tries'}"
+        lines.append(Text(f"  not started: the baseline failed ({tries}); fix it and run "
+                          "the same command again", style="yellow"))
+        lines.append(Text(f"    #{last.id} {last.status}: {printable(last.reason)[:200]} "
+                          f"(`overnight show {last.id}` has its log)", style="yellow"))
     if candidates:
         lines.append(Text(f"  candidates  {_counts(candidates)}"))
     if repeats:
@@ -225,13 +233,18 @@ def status_view(ledger: Ledger, tag: str, objective: Objective,
             lines.append(Text(f"    #{r.id} {objective.metric} {fmt_metric(r.metric)} first, "
                               f"{_plural(max(r.runs, 1), 'run')} so far: "
                               f"{printable(r.description)}"))
-    running = [r for r in rows if r.status in ACTIVE]
+    running = [r for r in rows if r.status == Status.RUNNING]
     if running:
         lines.append(Text("  running:"))
         now = time.time()
         for r in running:
-            since = f"slot {r.slot} {now - r.started_at:.0f}s" if r.started_at else "queued"
+            slot = f"slot {r.slot} " if r.slot is not None else ""
+            since = f"{slot}{now - r.started_at:.0f}s" if r.started_at else "starting"
             lines.append(Text(f"    #{r.id} {since}: {printable(r.description)}"))
+    queued = [r for r in rows if r.status == Status.QUEUED]
+    if queued:
+        lines.append(Text(f"  queued:     {', '.join(f'#{r.id}' for r in queued)} "
+                          "(waiting for a slot)"))
     return Group(*lines)
 
 

@@ -13,26 +13,27 @@ import os
 import shutil
 import threading
 import time
+import uuid
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from overnight import admission, data, judge, pins
+from overnight import admission, data, diagnose, judge, pins
 from overnight.data import Data
 from overnight.errors import ConfigError, IntegrityHalt, OvernightError
 from overnight.executors.base import CheckResult, Executor, RunRequest, RunResult
 from overnight.history import History, experiment
 from overnight.judge import Decision
 from overnight.knobs import Scope, unreached
-from overnight.ledger import Ledger, Row
+from overnight.ledger import Ledger, Row, export_tsv
 from overnight.metrics import tail
 from overnight.proposers.base import Context, Proposal, Proposer, fingerprint
 from overnight.proposers.edits import knob_values
 from overnight.sandbox import redact, venv_paths
 from overnight.snapshot import Repo, branch_ref, candidate_ref
 from overnight.spec import Spec
-from overnight.status import MEASURED, NOT_COUNTED, Status
+from overnight.status import FAILED, MEASURED, NOT_COUNTED, Status
 from overnight.tree import Tree
 
 MAX_LOST_RETRIES = 2  # a candidate whose run is lost is redone at most this many times
@@ -69,7 +70,8 @@ class Loop:
     def __init__(self, repo: Repo, spec: Spec, ledger: Ledger, executor: Executor, tag: str,
                  proposer_factory, max_experiments: int | None = None,
                  reporter: Reporter | None = None, runs_root: Path | None = None,
-                 accept_spec_change: bool = False, data: Data | None = None):
+                 accept_spec_change: bool = False, data: Data | None = None,
+                 results_tsv: Path | None = None):
         self.repo = repo
         self.spec = spec
         self.ledger = ledger
@@ -82,6 +84,7 @@ class Loop:
         self.accept_spec_change = accept_spec_change  # measure differently than the pin
         self.data = data or Data()  # [run] data: pinned with the spec, watched between runs
         self._data_key = self.data.stat_key()
+        self.results_tsv = results_tsv  # rewritten as each experiment is decided
         self.proposer: Proposer | None = None
         self._pending: dict[Future, _Job] = {}
         self._redo: list[Row] = []  # queued rows to launch, or lost/tampered rows to retry
@@ -92,6 +95,7 @@ class Loop:
         self._rows: dict[int, Row] = {}
         self._ready: list[Row] = []  # candidates committed and waiting for a slot
         self._proposing: dict[Future, Context] = {}  # proposals being prepared on threads
+        self._prechecking: dict[Future, Row] = {}  # candidates in their [run] precheck
         self._stop: str | None = None  # why no more proposals are asked for
         self._rejected_in_a_row = 0
         self._history = History(spec.objective.direction, _log_tail)  # what proposers see
@@ -111,6 +115,7 @@ class Loop:
             self.ledger.event(self.tag, "start", f"pid {os.getpid()}")
             try:
                 self._redo = self._resume()
+                self._precheck_baseline()
                 why = self._loop()
                 self._check_branch()
                 self.ledger.verify()
@@ -130,11 +135,12 @@ class Loop:
             self._collect_proposals()
             self._fill_slots()
             self._request_proposals()
-            if not self._pending and not self._proposing:
+            if not self._pending and not self._proposing and not self._prechecking:
                 if self._ready and self._free_slots and not self._reached_max():
                     continue
                 break
-            wait([*self._pending, *self._proposing], return_when=FIRST_COMPLETED)
+            wait([*self._pending, *self._proposing, *self._prechecking],
+                 return_when=FIRST_COMPLETED)
         self._drop_unrun()
         if self._reached_max():
             return f"reached {self.max} runs"
@@ -156,10 +162,12 @@ class Loop:
                 continue
             if self._stop or self.proposer is None or self.proposer.slow:
                 return
+            if len(self._prechecking) >= len(self._free_slots):
+                return  # enough candidates are being prechecked for the free slots
             ctx = self._context()  # a fast proposer (search) proposes right here
             row = self._accept(self.proposer.propose(ctx), ctx)
             if row is not None and row.status == "queued":
-                self._launch(row)
+                self._admit(row, now=True)
 
     def _request_proposals(self) -> None:
         """Slow proposers (a model, an agent) work ahead on threads so slots never wait."""
@@ -172,8 +180,10 @@ class Loop:
         # Free slots are filled at once; working ahead for busy ones goes one proposal at a
         # time, so each sees the candidates prepared before it and proposes something else.
         want = min(want, max(1, len(self._free_slots)) - len(self._proposing))
+        want -= len(self._prechecking)
         if self.max is not None:
-            planned = self._counted() + len(self._pending) + len(self._ready)
+            planned = (self._counted() + len(self._pending) + len(self._ready)
+                       + len(self._prechecking))
             want = min(want, self.max - planned - len(self._proposing))
         for _ in range(max(0, want)):
             ctx = self._context()
@@ -191,20 +201,71 @@ class Loop:
                                     rejected=f"the proposer failed: {e}")
             row = self._accept(proposal, ctx)
             if row is not None and row.status == "queued":
-                self._ready.append(row)
+                self._admit(row)
 
     def _drop_unrun(self) -> None:
         """Candidates prepared but never launched are lost: a later run redoes them (and
         queues again the repeats their confirmations still need)."""
-        for row in [*self._ready, *(r for r in self._redo if r.repeat_of is not None)]:
+        unrun = [*self._ready, *self._prechecking.values(),
+                 *(r for r in self._redo if r.repeat_of is not None)]
+        self._prechecking.clear()
+        for row in unrun:
             self.ledger.update(row.id, status="lost", reason="not run: the loop stopped",
                                finished_at=time.time())
             self._get(row.id)
         self._ready.clear()
         self._redo = [r for r in self._redo if r.repeat_of is None]
 
+    def _admit(self, row: Row, now: bool = False) -> None:
+        """A new candidate takes a slot now, waits for one, or is prechecked first."""
+        run = self.spec.run
+        if run.precheck:
+            req = self._request(row, self.runs_root / self.tag / f"{row.id}-precheck", None)
+            fut = self.executor.precheck(req, run.precheck, run.precheck_timeout_seconds)
+            self._prechecking[fut] = row
+        elif now:
+            self._launch(row)
+        else:
+            self._ready.append(row)
+
+    def _precheck_baseline(self) -> None:
+        """A tag's first run is prechecked here, before anything else: a baseline that fails
+        its precheck is a failed start (exit 2) that spent no slot time."""
+        run = self.spec.run
+        base = next((r for r in self._redo if r.is_baseline and r.status == "queued"), None)
+        if not run.precheck or base is None:
+            return
+        req = self._request(base, self.runs_root / self.tag / f"{base.id}-precheck", None)
+        check = self.executor.precheck(req, run.precheck, run.precheck_timeout_seconds).result()
+        if check.ok:
+            return
+        self.ledger.update(base.id, status=Status.REJECTED, finished_at=time.time(),
+                           reason=f"precheck {check.reason}")
+        self._get(base.id)
+        raise ConfigError(
+            f"the baseline (HEAD {base.commit_sha[:10]}, unchanged) fails its precheck: "
+            f"{check.reason}\nLog: {check.log_path}\nFix the script or [run] precheck, "
+            "commit, and run the same command again (nothing else was recorded).")
+
+    def _prechecked(self) -> bool:
+        """Candidates whose precheck ended: ready for a slot, or rejected (nothing spent)."""
+        done = [fut for fut in self._prechecking if fut.done()]
+        for fut in done:
+            row = self._prechecking.pop(fut)
+            check = fut.result()
+            if check.ok:
+                self._ready.append(row)
+                continue
+            self.ledger.update(row.id, status=Status.REJECTED, finished_at=time.time(),
+                               reason=f"precheck {check.reason}")
+            row = self._get(row.id)
+            self.report.finished(row, self._incumbent(), self._counted())
+            self._write_tsv()
+        return bool(done)
+
     def _drain(self) -> bool:
         """Record every finished run or check; True if there was any."""
+        self._prechecked()
         done = [fut for fut in self._pending if fut.done()]
         for fut in done:
             job = self._pending.pop(fut)
@@ -279,7 +340,9 @@ class Loop:
                 self._decide(row)
 
     def _start_baseline(self, rows: list[Row]) -> Row | None:
-        """A tag with no kept experiment starts (over) from HEAD, unchanged."""
+        """A tag with no kept experiment starts (over) from HEAD, unchanged. The tag comes
+        into being when this run has a number: until then no branch, no spec pin, and a
+        failed start's row (kept, with its log and reason) counts for nothing."""
         head = self.repo.head()
         existing = self.repo.ref(branch_ref(self.tag))
         if existing and not rows:
@@ -290,10 +353,9 @@ class Loop:
             )
         if any(r.is_baseline and r.status == "lost" for r in rows):
             return None  # the lost baseline is redone through the redo queue
-        self.repo.set_ref(branch_ref(self.tag), head)
         rid = self.ledger.insert(self.tag, "queued", is_baseline=1, commit_sha=head,
                                  description="baseline", proposer="baseline",
-                                 knobs=self._knobs_of(head), kept_commit=head,
+                                 knobs=self._knobs_of(head),
                                  fingerprint=fingerprint(self._files(head)))
         return self._get(rid)
 
@@ -660,9 +722,18 @@ class Loop:
             self._pin_spec()
             self._top_up_baseline(row)
         self.report.finished(row, self._incumbent(), self._counted())
+        self._write_tsv()
         if row.status == Status.LOST and not self._stopping:
             self._rerun(row)
         return row
+
+    def _write_tsv(self) -> None:
+        """[run] results_tsv: what `overnight export` prints, replaced atomically (a link
+        placed at its name is replaced, never written through)."""
+        if self.results_tsv is None:
+            return
+        rows = sorted(self._rows.values(), key=lambda r: r.id)
+        atomic_write(self.results_tsv, export_tsv(rows, self.spec.objective.metric))
 
     def _rerun(self, row: Row) -> None:
         """A run lost while the loop goes on (its Ray worker or node died): run it again, a
@@ -694,14 +765,17 @@ class Loop:
         self._waiting.discard(cand.id)
         row = self._settle(cand, decision, inc, finished_at=time.time())
         self.report.finished(row, self._incumbent(), self._counted())
+        self._write_tsv()
 
     def _settle(self, row: Row, decision: Decision, inc: Row | None, **facts) -> Row:
         if decision.status == Status.KEEP:
             self._branch_before_keep(row)
         update = dict(status=decision.status, delta=decision.delta, reason=decision.reason,
                       **_stats(decision), **facts)
-        if decision.status == Status.KEEP and not row.is_baseline:
-            kept = self._keep_commit(row, inc, decision)
+        if decision.status == Status.KEEP:
+            # The baseline is kept as itself: its number is what brings the tag (and its
+            # branch) into being.
+            kept = row.commit_sha if row.is_baseline else self._keep_commit(row, inc, decision)
             self.ledger.update(row.id, kept_commit=kept, **update)
             self.repo.set_ref(branch_ref(self.tag), kept)  # after the ledger: resume repairs
         else:
@@ -859,7 +933,9 @@ class Loop:
     def _counted(self) -> int:
         """Runs that count: repeats too (compute is compute), rejected proposals not. From
         the rows the loop holds (every write is reread), not a count over the whole ledger."""
-        return self._history.runs(exclude=NOT_COUNTED)
+        failed_starts = sum(1 for r in self._rows.values()
+                            if r.is_baseline and r.status in FAILED)  # not a tag yet
+        return self._history.runs(exclude=NOT_COUNTED) - failed_starts
 
     def _reached_max(self) -> bool:
         if self.max is None:
@@ -880,13 +956,18 @@ class Loop:
 
     def _baseline_failed(self, row: Row) -> str:
         log = tail(Path(row.log_path), 15) if row.log_path else ""
+        whole = tail(Path(row.log_path), 200) if row.log_path else ""
+        run, objective = self.spec.run, self.spec.objective
+        fix = diagnose.advice(row.status, row.reason, whole, command=run.command,
+                              metric=objective.metric, pattern=objective.pattern,
+                              root=self.repo.root, timeout=run.timeout_seconds)
         return (
             f"the baseline (HEAD {row.commit_sha[:10]}, unchanged) did not produce a result: "
             f"{row.status}: {row.reason}\n"
-            f"Command: {self.spec.run.command}\nLog: {row.log_path}\n"
+            f"Command: {run.command}\nLog: {row.log_path}\n"
             + (f"--- last lines ---\n{log}\n---\n" if log else "")
-            + f"Fix the script so that it prints `{self.spec.objective.metric}: <number>` "
-            "and exits 0, commit, and run again."
+            + fix + "\nNothing was recorded for the tag but this failed start: fix it, commit, "
+            "and run the same command again."
         )
 
 
@@ -898,6 +979,19 @@ class _Job:
     request: RunRequest
     result: RunResult | None = None  # the run's, when these are checks of its would-be keep
     checks: bool = False  # the checks of a would-be keep, not a run
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """`text` at `path` whole or not at all: a new file beside it, renamed over it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _log_tail(path: str) -> str:

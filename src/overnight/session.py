@@ -79,7 +79,8 @@ def run_loop(ws: Workspace, console: Console, tag: str | None = None,
                     proposer_factory=lambda files: make_proposer(
                         spec, files, ws.repo, scratch),
                     max_experiments=max_experiments, reporter=reporter,
-                    runs_root=runs, accept_spec_change=accept_spec_change, data=ws.data())
+                    runs_root=runs, accept_spec_change=accept_spec_change, data=ws.data(),
+                    results_tsv=ws.results_tsv())
         try:
             with reporter:
                 return loop.run()

@@ -98,11 +98,18 @@ class Run(_Section):
     max_processes: int = Field(default=4096, ge=16)  # processes and threads of one run
     checks: str | None = None  # run on a candidate that beat the incumbent; failing -> not kept
     checks_timeout_seconds: float = Field(default=600, gt=0)
+    # Run on each candidate before it takes a slot (an import-only or dry-run mode), boxed,
+    # with no GPU: a failure is `rejected`, having spent no slot time.
+    precheck: str | None = None
+    precheck_timeout_seconds: float = Field(default=120, gt=0)
     on_tamper: Literal["halt", "continue"] = "halt"
     attest: bool = True  # record what Python actually executed (sitecustomize hook)
     executor: Literal["local", "ray"] = "local"  # ray: the [ray] section's cluster
     # Paths git ignores (datasets), read-only in every run at the same relative path.
     data: list[str] = Field(default_factory=list)
+    # Kept up to date as experiments finish: the running tag's results.tsv (relative to the
+    # repository root, git-ignored), what `overnight export` prints.
+    results_tsv: str | None = None
 
     @field_validator("parallel")
     @classmethod

@@ -55,6 +55,33 @@ class Workspace:
         """`[run] data`, resolved and checked."""
         return resolve_data(self.repo, self.spec.run.data)
 
+    def results_tsv(self) -> Path | None:
+        """Where `[run] results_tsv` is written, checked: in the repository, not git's or
+        overnight's, not a committed file."""
+        name = self.spec.run.results_tsv
+        if name is None:
+            return None
+        where = f"overnight.toml: [run] results_tsv = {name!r}"
+        parts = Path(name).parts
+        if not parts or Path(name).is_absolute() or ".." in parts:
+            raise ConfigError(f"{where}: give a path inside the repository, relative to its "
+                              "root (e.g. \"results.tsv\")")
+        if parts[0] in (".git", STATE_DIR):
+            raise ConfigError(f"{where}: that is git's or overnight's own state")
+        if self.repo.tracked("HEAD", [name]):
+            raise ConfigError(f"{where} is a committed file: overnight rewrites it as "
+                              "experiments finish; pick an untracked name (it is git-ignored "
+                              "for you)")
+        path = self.repo.root / name
+        root = self.repo.root.resolve()
+        parent = path.parent.resolve()
+        if parent != root and root not in parent.parents:
+            raise ConfigError(f"{where}: its directory leads out of the repository ({parent})")
+        if not parent.is_dir():
+            raise ConfigError(f"{where}: the directory {path.parent} does not exist: create it "
+                              "or write the file elsewhere")
+        return path
+
     def preflight(self) -> None:
         """Refuse to run on files that differ from what is committed."""
         self.repo.head()
@@ -73,6 +100,9 @@ class Workspace:
             )
         sandbox.resolve(self.spec.run.sandbox)  # exit 2 now, not in every run
         self.data()  # exit 2 now: a dataset that is missing or is not one
+        tsv = self.results_tsv()
+        if tsv is not None:
+            self.repo.exclude("/" + tsv.relative_to(self.repo.root).as_posix())
         why = unwritable(self.state / LEDGER_FILE)
         if why is not None:
             raise OvernightError(f"overnight run records every experiment in "

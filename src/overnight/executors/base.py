@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,6 +96,19 @@ class CheckResult:
 
 class Executor(ABC):
     slots: int
+    _cancelled: threading.Event
+    _side: ThreadPoolExecutor | None = None
+
+    def precheck(self, request: RunRequest, command: str, timeout: float
+                 ) -> Future[CheckResult]:
+        """The precheck command on a fresh copy of the candidate's tree, on this machine,
+        outside the slots, boxed like a run, with no GPU visible."""
+        from overnight.executors import runner
+
+        if self._side is None:
+            self._side = ThreadPoolExecutor(max_workers=2, thread_name_prefix="overnight-pre")
+        return self._side.submit(runner.check, request, command, timeout, self._cancelled, "",
+                                 "precheck.log")
 
     @abstractmethod
     def submit(self, request: RunRequest) -> Future[RunResult]:

@@ -126,9 +126,11 @@ def _run(req: RunRequest, cancel: threading.Event, hardware: str, gpu: str | Non
 
 
 def check(req: RunRequest, command: str, timeout: float, cancel: threading.Event,
-          gpu: str | None = None) -> CheckResult:
-    """The checks command on a fresh copy of the candidate's tree, in the same box."""
-    log = req.run_dir / "checks.log"
+          gpu: str | None = None, log_name: str = "checks.log") -> CheckResult:
+    """The checks command on a fresh copy of the candidate's tree, in the same box (gpu "":
+    none visible)."""
+    req.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    log = req.run_dir / log_name
     where: Path | None = None
     try:
         mode = sandbox.resolve(req.sandbox)
@@ -145,11 +147,10 @@ def check(req: RunRequest, command: str, timeout: float, cancel: threading.Event
     if ran.cancelled:
         return CheckResult(False, "interrupted (the loop was stopped)", log)
     if ran.timed_out:
-        return CheckResult(False, f"checks `{command}` timed out after {timeout:g}s", log)
+        return CheckResult(False, f"`{command}` timed out after {timeout:g}s", log)
     if ran.returncode != 0:
         last = tail(log, 3).replace("\n", " | ")
-        return CheckResult(False, f"checks `{command}` failed (exit {ran.returncode}): {last}",
-                           log)
+        return CheckResult(False, f"`{command}` failed (exit {ran.returncode}): {last}", log)
     return CheckResult(True, "", log)
 
 
