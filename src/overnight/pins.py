@@ -89,7 +89,7 @@ def spec_record(spec: Spec) -> dict[str, dict[str, object]]:
         "run.timeout_seconds": run.timeout_seconds,
         "run.env": dict(run.env),
         "run.metrics_file": run.metrics_file,
-        "files": spec.files.model_dump(mode="json"),
+        "files": spec.files.model_dump(mode="json", exclude={"context"}),
         "evaluate": spec.evaluate.model_dump(mode="json") if spec.evaluate else None,
         "run.checks": run.checks,
         "run.sandbox": run.sandbox,

@@ -90,6 +90,7 @@ class Loop:
         self._redo: list[Row] = []  # queued rows to launch, or lost/tampered rows to retry
         self._free_slots = list(range(executor.slots))
         self._files_cache: dict[str, dict[str, str]] = {}
+        self._readonly_cache: dict[str, dict[str, str | None]] = {}
         # This tag's rows, refreshed after every write: one loop per tag (a lock), so the
         # cache is the ledger, without rereading the whole history for every proposal.
         self._rows: dict[int, Row] = {}
@@ -423,11 +424,34 @@ class Loop:
             hardware=getattr(self.executor, "hardware", ""),
             program=self._program(),
             protected=tuple(self.spec.files.protected),
+            readonly=self._readonly(inc.commit_sha),
             notes=tuple(self.ledger.notes(self.tag)),
             tried=self._history.tried,  # every fingerprint: a frozen view, never copied
             counts=self._history.counts(),
             omitted=len(self._history) - len(history),
         )
+
+    def _readonly(self, commit: str) -> dict[str, str | None]:
+        """Protected and [files] context files at `commit`, for a model to read (None: a
+        file that is not UTF-8 text, named but not shown)."""
+        files = self.spec.files
+        if self.spec.proposer.kind == "search":
+            return {}
+        if commit in self._readonly_cache:
+            return self._readonly_cache[commit]
+        paths = list(dict.fromkeys([*files.protected, *files.context]))
+        out: dict[str, str | None] = {}
+        tree = self._tree(commit)
+        for path in sorted(self.repo.tracked(commit, paths)):
+            data = tree.read(path)
+            if data is None:
+                continue
+            try:
+                out[path] = data.decode("utf-8") if b"\0" not in data else None
+            except UnicodeDecodeError:
+                out[path] = None
+        self._readonly_cache[commit] = out
+        return out
 
     def _program(self) -> str:
         """program.md as the user has it now: editing it steers the next proposals."""

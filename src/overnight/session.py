@@ -68,6 +68,9 @@ def run_loop(ws: Workspace, console: Console, tag: str | None = None,
         unread = _budget_unread(ws, spec)
         if unread:
             console.print(f"[yellow]note:[/] {unread}", highlight=False)
+        loops = _program_loops(ws, spec)
+        if loops:
+            console.print(f"[yellow]note:[/] {loops}", highlight=False)
         if leftovers:
             console.print(f"killed {leftovers} orphaned process(es) a stopped `overnight run` "
                           "left behind")
@@ -108,6 +111,23 @@ def _executor(spec, run, parallel: int | None, console: Console):  # noqa: ANN00
     slots, gpus = resolve_slots(run.parallel)
     executor = LocalExecutor(slots, gpus)
     return executor, f"{slots} GPU slot(s)" if gpus else f"{slots} CPU slot(s)"
+
+
+def _program_loops(ws: Workspace, spec) -> str | None:  # noqa: ANN001
+    """Say so when program.md was written for an agent that runs its own loop."""
+    from overnight.proposers.prompt import program_conflicts
+
+    if spec.proposer.kind == "search":
+        return None
+    try:
+        text = (ws.repo.root / spec.proposer.program).read_text(errors="replace")
+    except OSError:
+        return None
+    if not program_conflicts(text):
+        return None
+    return (f"{spec.proposer.program} tells an agent to run its own loop (git, runs, results, "
+            "looping): the model is told that overnight owns those and that its contract wins; "
+            "the rest is its research guidance")
 
 
 def _budget_unread(ws: Workspace, spec) -> str | None:  # noqa: ANN001

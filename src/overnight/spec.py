@@ -138,12 +138,19 @@ class Evaluate(_Section):
 class Files(_Section):
     editable: list[str] = Field(min_length=1)
     protected: list[str] = Field(default_factory=list)
+    # Files a model should read but not edit (a README, the model definition); protected
+    # files are shown to it read-only too.
+    context: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _disjoint(self) -> Files:
         both = sorted(set(self.editable) & set(self.protected))
         if both:
             raise ValueError(f"{', '.join(both)} cannot be both editable and protected")
+        shown = sorted(set(self.editable) & set(self.context))
+        if shown:
+            raise ValueError(f"{', '.join(shown)} is editable: the model sees it already; "
+                             "drop it from [files] context")
         return self
 
 

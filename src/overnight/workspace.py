@@ -98,6 +98,12 @@ class Workspace:
                 f"[files] editable names {', '.join(missing)}, which is not committed at HEAD: "
                 "fix the path in overnight.toml or commit the file"
             )
+        context = self.spec.files.context
+        unseen = sorted(set(context) - self.repo.tracked("HEAD", context)) if context else []
+        if unseen:
+            raise ConfigError(
+                f"[files] context names {', '.join(unseen)}, which is not committed at HEAD: "
+                "the model is shown committed files only; fix the path or commit the file")
         sandbox.resolve(self.spec.run.sandbox)  # exit 2 now, not in every run
         self.data()  # exit 2 now: a dataset that is missing or is not one
         tsv = self.results_tsv()

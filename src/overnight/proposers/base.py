@@ -49,6 +49,9 @@ class Context:
     hardware: str = ""  # e.g. "NVIDIA H100 80GB HBM3 (gpu 0)"
     program: str = ""  # program.md: the user's research instructions
     protected: tuple[str, ...] = ()  # files nobody may edit
+    # Read-only files the model is shown (protected and [files] context): path -> text, or
+    # None for a file that is not text.
+    readonly: Mapping[str, str | None] = field(default_factory=dict)
     notes: tuple[str, ...] = ()  # what the user said with `overnight steer`
     # Fingerprints of every candidate of the tag, however old (not only those in history).
     tried: Set[str] = frozenset()

@@ -7,7 +7,14 @@ the Context, so a restarted loop asks exactly what the old one would have.
 The prompt has to fit the model's context window. The editable files and program.md are
 never cut (a model cannot edit what it cannot see); the history is: the oldest experiments go
 first, then the log tails of failed runs get shorter, then the rest of the history goes, down
-to the baseline and the incumbent.
+to the baseline and the incumbent. Read-only files (protected, `[files] context`) come after
+the editable ones and are cut last, the largest first, with a marker saying how much is left
+out.
+
+A program.md written for a stand-alone agent (make a branch, commit, run the script, log
+results.tsv, loop forever) contradicts the harness, which owns all of that: the harness's
+contract comes first (the system prompt, then a note before the program naming what is void),
+and wins.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ MIN_RECENT = 3  # kept while log tails are shortened; dropped only as a last res
 TAIL_FULL = 3000  # characters of a failed run's log tail, before trimming
 TAIL_SHORT = 600
 AGENT_PROMPT_CHARS = 100_000  # Linux caps one argv string at 128 KiB
+READONLY_CAPS = (None, 20_000, 8_000, 2_000, 0)  # characters per read-only file, as needed
 IN_FLIGHT = ACTIVE
 FAILED = STATUS_FAILED | {Status.TAMPERED, Status.LOST}
 WITH_LOG = STATUS_FAILED
@@ -137,6 +145,27 @@ def _llm_task(ctx: Context) -> str:
     )
 
 
+_CONFLICTS = (
+    (re.compile(r"\bgit\s+(checkout|commit|reset|branch|switch|push|merge|rebase|stash)\b",
+                re.I), "git commands are void (the harness commits each proposal and keeps or "
+                       "reverts it)"),
+    (re.compile(r"(uv run|python3?)\s+[\w./-]+\.py[^\n]*(>|run\.log)|"
+                r"\brun (the |each )?(experiment|training|script)\b", re.I),
+     "do not run the script (the harness runs and measures every experiment)"),
+    (re.compile(r"results\.tsv|\blog (the )?results\b|\brecord (the )?results\b", re.I),
+     "do not record results (the harness records every experiment in its ledger)"),
+    (re.compile(r"loop forever|never stop|indefinitely|until (you are|the human) "
+                r"(manually )?(stop|interrupt)", re.I),
+     "do not loop (you are asked for one experiment at a time)"),
+)
+
+
+def program_conflicts(text: str) -> list[str]:
+    """The kinds of loop instruction in a program.md that the harness's contract overrides,
+    one short line per kind found (none for a program written for overnight)."""
+    return [why for pattern, why in _CONFLICTS if pattern.search(text)]
+
+
 def feedback(error: str) -> str:
     """The follow-up message after an unusable answer."""
     return (
@@ -198,6 +227,7 @@ class _Builder:
         self.ctx = ctx
         self.task = task
         self.files_in_full = files_in_full
+        self.readonly_cap: int | None = None  # characters shown of each read-only file
         running = {e.id for e in ctx.in_flight}
         self.past = [e for e in ctx.history if e.status not in IN_FLIGHT and e.id not in running]
         self.baseline = next((e for e in self.past if e.is_baseline), None)
@@ -213,12 +243,27 @@ class _Builder:
                                                                  if e.id in kept]
         self.soft = len(self.order) - len(kept)
         self.total = len(self.order)
-        self.head = "\n\n".join(s for s in (self._program(), self._objective(), self._files(),
-                                            self._protected()) if s)
         self.foot = "\n\n".join(s for s in (self._in_flight(), self._notes(), task) if s)
 
+    @property
+    def head(self) -> str:
+        return "\n\n".join(s for s in (self._program(), self._objective(), self._files(),
+                                       self._readonly()) if s)
+
     def fit(self, max_chars: int) -> str | None:
-        """The fullest message within max_chars, or None if nothing fits."""
+        """The fullest message within max_chars, or None if nothing fits: the history is
+        cut first, then the read-only files."""
+        for cap in READONLY_CAPS:
+            self.readonly_cap = cap
+            found = self._fit_history(max_chars)
+            if found is not None:
+                return found
+            if not self.ctx.readonly:
+                break
+        self.readonly_cap = None
+        return None
+
+    def _fit_history(self, max_chars: int) -> str | None:
         stages = [(TAIL_FULL, 0, self.soft), (TAIL_SHORT, self.soft, self.soft),
                   (0, self.soft, self.soft), (0, self.soft, self.total)]
         for tail, lo, hi in stages:
@@ -250,7 +295,14 @@ class _Builder:
     def _program(self) -> str:
         if not self.ctx.program.strip():
             return ""
-        return "## Research instructions (program.md, from the user)\n\n" + self.ctx.program.strip()
+        head = "## Research instructions (program.md, from the user)\n\n"
+        conflicts = program_conflicts(self.ctx.program)
+        if conflicts:
+            head += ("(These instructions were written for an agent that runs its own loop. "
+                     "Here the harness owns that loop, and where the two disagree the harness "
+                     f"wins: {'; '.join(conflicts)}. Read the rest as research guidance: what "
+                     "to try, what to respect, what matters.)\n\n")
+        return head + self.ctx.program.strip()
 
     def _objective(self) -> str:
         ctx = self.ctx
@@ -288,11 +340,33 @@ class _Builder:
                              "current directory.)")
         return "\n\n".join(parts)
 
-    def _protected(self) -> str:
-        if not self.ctx.protected:
+    def _readonly(self) -> str:
+        """Protected and context files: shown for reference (the evaluation, the budget the
+        model must respect), never to be edited."""
+        ctx = self.ctx
+        names = sorted(set(ctx.protected) | set(ctx.readonly))
+        if not names:
             return ""
-        return ("## Protected files (never edit these)\n\n"
-                + "\n".join(f"- {p}" for p in sorted(self.ctx.protected)))
+        parts = ["## Read-only files (for reference: never edit these; protected ones are "
+                 "checked)"]
+        for path in names:
+            text = ctx.readonly.get(path)
+            kind = "protected" if path in ctx.protected else "context"
+            if text is None:
+                why = "not text" if path in ctx.readonly else "not shown"
+                parts.append(f"### {path} ({kind}; {why})")
+                continue
+            parts.append(f"### {path} ({kind}, read-only)")
+            if not self.files_in_full:
+                parts.append(f"(read {path} in your current directory; do not edit it)")
+                continue
+            cap = self.readonly_cap
+            if cap is not None and len(text) > cap:
+                left = len(text) - cap
+                text = text[:cap] + (f"\n[... {left} more characters of {path} left out to fit "
+                                     "the context window ...]\n")
+            parts.append(_fenced(path, text))
+        return "\n\n".join(parts)
 
     def _in_flight(self) -> str:
         if not self.ctx.in_flight:
