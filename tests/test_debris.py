@@ -92,7 +92,8 @@ def test_status_never_shows_a_queued_row_as_running(tmp_path: Path):
         console = Console(record=True, width=200)
         console.print(status_view(ledger, "t", Objective(metric="val_loss")))
         text = console.export_text()
-        assert "running" not in text and "queued:     #2" in text, text
+        assert "queued (waiting for a slot, not running):\n    #2 baseline" in text, text
+        assert "running:" not in text
     finally:
         ledger.close()
 

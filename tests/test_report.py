@@ -191,7 +191,8 @@ def test_status_counts_runs_candidates_and_repeats_and_reads_the_estimates(story
     assert "± is one standard error of the estimate" in text
     assert "a keep beat its incumbent at 95% confidence" in text
     assert (f"#{ids['confirm']} val_bpb 0.987100 first, 1 run so far: lr 0.04") in text
-    assert f"#{ids['pending']} queued: repeat of #{ids['confirm']}: lr 0.04" in text
+    assert f"queued (waiting for a slot, not running):\n    #{ids['pending']} repeat of " \
+           f"#{ids['confirm']}: lr 0.04" in text
 
 
 def test_status_of_a_greedy_tag_says_so(tmp_path: Path):

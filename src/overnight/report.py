@@ -243,8 +243,9 @@ def status_view(ledger: Ledger, tag: str, objective: Objective,
             lines.append(Text(f"    #{r.id} {since}: {printable(r.description)}"))
     queued = [r for r in rows if r.status == Status.QUEUED]
     if queued:
-        lines.append(Text(f"  queued:     {', '.join(f'#{r.id}' for r in queued)} "
-                          "(waiting for a slot)"))
+        lines.append(Text("  queued (waiting for a slot, not running):"))
+        for r in queued:
+            lines.append(Text(f"    #{r.id} {printable(r.description)}"))
     return Group(*lines)
 
 
