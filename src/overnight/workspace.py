@@ -252,9 +252,11 @@ def write_init(root: Path, command: str | None, metric: str | None, direction: s
                        "--directory").splitlines()
     data = survey.ignored_data(ignored, texts.values())
     if data:
-        notes.append(f"{', '.join(data)} {'is' if len(data) == 1 else 'are'} ignored by git, "
-                     "so runs (built from the commit) would not have them: [run] data makes "
-                     "them available read-only in every run")
+        one = len(data) == 1
+        notes.append(f"{', '.join(data)} {'is' if one else 'are'} ignored by git, so runs "
+                     f"(built from the commit) would not have {'it' if one else 'them'}: "
+                     f"[run] data makes {'it' if one else 'them'} available read-only in "
+                     "every run")
     text = render_spec(command, metric, direction, editable, protected, budget=seconds,
                        timeout=max(600, 2 * seconds), pattern=pattern, space=space, data=data)
     spec = parse_spec(tomllib.loads(text))
