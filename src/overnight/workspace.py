@@ -280,10 +280,10 @@ def _program_notes(name: str, text: str) -> list[str]:
         from overnight.proposers.prompt import program_conflicts
     except ImportError:
         return []
-    found = program_conflicts(text)
+    found = program_conflicts(text, kinds=True)
     if not found:
         return []
-    return [f"{name} was written for an agent that runs its own loop ({'; '.join(found)}): "
+    return [f"{name} was written for an agent that runs its own loop ({', '.join(found)}): "
             "overnight owns git, the runs and the records, so the model is told the harness's "
             "contract first and that it wins; the rest of the program is its research guidance"]
 

@@ -145,25 +145,29 @@ def _llm_task(ctx: Context) -> str:
     )
 
 
-_CONFLICTS = (
+_CONFLICTS = (  # (what it finds, its kind in a word, what the model is told)
     (re.compile(r"\bgit\s+(checkout|commit|reset|branch|switch|push|merge|rebase|stash)\b",
-                re.I), "git commands are void (the harness commits each proposal and keeps or "
-                       "reverts it)"),
+                re.I), "git", "git commands are void (the harness commits each proposal and "
+                              "keeps or reverts it)"),
     (re.compile(r"(uv run|python3?)\s+[\w./-]+\.py[^\n]*(>|run\.log)|"
                 r"\brun (the |each )?(experiment|training|script)\b", re.I),
-     "do not run the script (the harness runs and measures every experiment)"),
+     "running the script", "do not run the script (the harness runs and measures every "
+                           "experiment)"),
     (re.compile(r"results\.tsv|\blog (the )?results\b|\brecord (the )?results\b", re.I),
-     "do not record results (the harness records every experiment in its ledger)"),
+     "recording results", "do not record results (the harness records every experiment in "
+                          "its ledger)"),
     (re.compile(r"loop forever|never stop|indefinitely|until (you are|the human) "
                 r"(manually )?(stop|interrupt)", re.I),
-     "do not loop (you are asked for one experiment at a time)"),
+     "looping", "do not loop (you are asked for one experiment at a time)"),
 )
 
 
-def program_conflicts(text: str) -> list[str]:
-    """The kinds of loop instruction in a program.md that the harness's contract overrides,
-    one short line per kind found (none for a program written for overnight)."""
-    return [why for pattern, why in _CONFLICTS if pattern.search(text)]
+def program_conflicts(text: str, kinds: bool = False) -> list[str]:
+    """The loop instructions in a program.md that the harness's contract overrides: what
+    the model is told about each kind found (`kinds`: the kinds, in a word or two). None for
+    a program written for overnight."""
+    return [kind if kinds else told for pattern, kind, told in _CONFLICTS
+            if pattern.search(text)]
 
 
 def feedback(error: str) -> str:
