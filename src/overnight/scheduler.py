@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import FIRST_COMPLETED, Future, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -176,18 +176,21 @@ class Loop:
             return
         if self._baseline_pending():
             return
+        # As many as the free slots and `prefetch` more need, prepared concurrently (up to
+        # max_concurrent calls at once): with many slots one model call at a time cannot
+        # keep up. Each sees what is queued and running, and how many siblings it has.
         want = len(self._free_slots) + self.spec.proposer.prefetch
-        want -= len(self._ready) + len(self._proposing)
-        # Free slots are filled at once; working ahead for busy ones goes one proposal at a
-        # time, so each sees the candidates prepared before it and proposes something else.
-        want = min(want, max(1, len(self._free_slots)) - len(self._proposing))
-        want -= len(self._prechecking)
+        want -= len(self._ready) + len(self._proposing) + len(self._prechecking)
+        limit = self.spec.proposer.max_concurrent or self.executor.slots
+        want = min(want, limit - len(self._proposing))
         if self.max is not None:
             planned = (self._counted() + len(self._pending) + len(self._ready)
                        + len(self._prechecking))
             want = min(want, self.max - planned - len(self._proposing))
-        for _ in range(max(0, want)):
-            ctx = self._context()
+        want = max(0, want)
+        siblings = len(self._proposing) + want - 1
+        for _ in range(want):
+            ctx = replace(self._context(), siblings=siblings)
             self._proposing[_in_thread(self.proposer.propose, ctx)] = ctx
 
     def _collect_proposals(self) -> None:

@@ -157,6 +157,8 @@ class Files(_Section):
 class Proposer(_Section):
     kind: Literal["search", "llm", "agent"] = "search"
     prefetch: int = Field(default=1, ge=0)  # proposals prepared ahead of free slots
+    # Proposer calls at once (a model, an agent); default: the number of slots.
+    max_concurrent: int | None = Field(default=None, ge=1)
     program: str = "program.md"  # research instructions for llm and agent proposers
     max_cost_usd: float | None = Field(default=None, gt=0)  # stop cleanly past this spend
 

@@ -59,6 +59,7 @@ class Context:
     # count `history` instead).
     counts: Mapping[str, int] = field(default_factory=dict)
     omitted: int = 0  # older experiments of the tag that are not in `history`
+    siblings: int = 0  # other proposals being prepared at the same time as this one
 
     def is_duplicate(self, edits: dict[str, str]) -> bool:
         """True if these edits on the incumbent give files that were already tried."""

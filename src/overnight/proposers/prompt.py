@@ -373,8 +373,13 @@ class _Builder:
         return "\n\n".join(parts)
 
     def _in_flight(self) -> str:
+        siblings = ""
+        if self.ctx.siblings:
+            siblings = (f"{self.ctx.siblings} other proposal(s) are being prepared at the same "
+                        "time as this one, from the same information: the most obvious next "
+                        "step is likely taken; choose a different direction.")
         if not self.ctx.in_flight:
-            return ""
+            return f"## Proposed at the same time\n\n{siblings}" if siblings else ""
         lines = ["## Queued or running right now",
                  "",
                  "Propose something different from these: their results are not in yet."]
@@ -383,6 +388,8 @@ class _Builder:
             if e.hypothesis:
                 line += f" (hypothesis: {e.hypothesis})"
             lines.append(line)
+        if siblings:
+            lines += ["", siblings]
         return "\n".join(lines)
 
     def _notes(self) -> str:
