@@ -48,3 +48,11 @@ def test_noise_benchmark_prints_both_judges_side_by_side():
     assert [r[1] for r in rows] == ["greedy", "confirm"]
     assert all(r[0] == "0.02" and r[6] == "16" for r in rows)  # equal runs for both
     assert rows[0][7] == "0.0" and float(rows[1][7]) >= 2  # greedy repeats nothing
+
+
+def test_scale_compares_one_model_call_at_a_time_with_concurrent_proposals():
+    text = bench(str(BENCH / "scale.py"), "--quick", "--run-seconds", "1",
+                 "--propose-seconds", "0.1")
+    for row in ("SkyPilot (16 GPUs)", "one call at a time", "concurrent", "limit (4 slots)"):
+        assert row in text, text
+    assert "target: >= 95% busy" in text

@@ -179,7 +179,10 @@ class Loop:
         # As many as the free slots and `prefetch` more need, prepared concurrently (up to
         # max_concurrent calls at once): with many slots one model call at a time cannot
         # keep up. Each sees what is queued and running, and how many siblings it has.
-        want = len(self._free_slots) + self.spec.proposer.prefetch
+        prefetch = self.spec.proposer.prefetch
+        if prefetch is None:
+            prefetch = max(1, self.executor.slots // 2)
+        want = len(self._free_slots) + prefetch
         want -= len(self._ready) + len(self._proposing) + len(self._prechecking)
         limit = self.spec.proposer.max_concurrent or self.executor.slots
         want = min(want, limit - len(self._proposing))

@@ -156,7 +156,9 @@ class Files(_Section):
 
 class Proposer(_Section):
     kind: Literal["search", "llm", "agent"] = "search"
-    prefetch: int = Field(default=1, ge=0)  # proposals prepared ahead of free slots
+    # Proposals prepared ahead of free slots; default: half the slots, at least 1 (runs that
+    # end together need their next candidates at once).
+    prefetch: int | None = Field(default=None, ge=0)
     # Proposer calls at once (a model, an agent); default: the number of slots.
     max_concurrent: int | None = Field(default=None, ge=1)
     program: str = "program.md"  # research instructions for llm and agent proposers

@@ -80,6 +80,10 @@ class RayExecutor(Executor):
         options = _options(cfg.slot_resources)
         self._run = ray.remote(_run_remote).options(max_retries=0, **options)
         self._check = ray.remote(_check_remote).options(max_retries=0, **options)
+        # Ray starts a worker process per concurrent task the first time (seconds each, on
+        # a busy node): start them now, while the baseline runs, not when the slots fill.
+        self._warm = [ray.remote(_warm).options(max_retries=0, **options).remote()
+                      for _ in range(self.slots)]
         self._pool = ThreadPoolExecutor(max_workers=max(4, 2 * self.slots),
                                         thread_name_prefix="overnight-ray")
         self._live: dict[int, Any] = {}  # experiment id -> its task (an ObjectRefGenerator)
@@ -229,6 +233,14 @@ def _worker_dir(req: RunRequest) -> Path:
     return base / f"{worker_key(req.run_dir)}-{uuid.uuid4().hex[:8]}"
 
 
+def _warm() -> None:
+    """Nothing: a task that makes Ray start a worker process (and import overnight in it)."""
+    from overnight.executors import runner  # noqa: F401 - the import is the point
+
+
+_NODES: dict[str, tuple[str, str]] = {}  # node id -> (accelerator type, address): per process
+
+
 def hardware() -> str:
     """What this worker is: its accelerator type (Ray's `accelerator_type:*` resource) or
     CPU model, and its node."""
@@ -238,16 +250,13 @@ def hardware() -> str:
 
     ctx = ray.get_runtime_context()
     node = ctx.get_node_id()
-    kind = ""
-    for n in ray.nodes():
-        if n.get("NodeID") == node:
+    if node not in _NODES:  # ray.nodes() asks the head: once per worker process
+        for n in ray.nodes():
             kinds = [k.split(":", 1)[1] for k in n.get("Resources", {})
                      if k.startswith("accelerator_type:")]
-            kind = kinds[0] if kinds else ""
-            address = n.get("NodeManagerAddress", "")
-            break
-    else:
-        address = ""
+            _NODES[n.get("NodeID", "")] = (kinds[0] if kinds else "",
+                                           n.get("NodeManagerAddress", ""))
+    kind, address = _NODES.get(node, ("", ""))
     gpus = ctx.get_accelerator_ids().get("GPU", [])
     what = f"{kind} (gpu {','.join(gpus)})" if kind or gpus else f"{cpu_name()} (cpu)"
     return f"{what} on node {address or node[:8]}"
