@@ -190,7 +190,7 @@ def measure(variant: str, root: Path, address: str, slots: int, runs: int,
     for s, f, _, slot in rows:
         by_slot.setdefault(slot, []).append((s, f))
     gaps = [b[0] - a[1] for runs_ in by_slot.values() for a, b in
-            zip(sorted(runs_), sorted(runs_)[1:])]
+            zip(sorted(runs_), sorted(runs_)[1:], strict=False)]
     gap = statistics.median(gaps) if gaps else 0.0
     run = statistics.median(f - s for s, f, _, _ in rows)
     spans = [(s, f) for s, f, _, _ in rows]

@@ -120,3 +120,57 @@ def test_ctrl_c_cancels_ray_tasks_and_resume_redoes_them(make_repo, cli, cluster
     redo = [r for r in rs if r["retry_of"] == hung["id"]]
     assert len(redo) == 1 and redo[0]["status"] in ("keep", "discard")
     assert len([r for r in rs if r["status"] != "lost"]) == 3
+
+
+CLASSES = '[hardware]\nclasses = { fast = "fast", big = "big" }\n'
+
+
+def test_each_class_has_its_own_baseline_and_measures_a_new_incumbent(make_repo, cli,
+                                                                       cluster: Cluster):
+    """Two kinds of node (custom resources stand in for H100 and H200): each class gets the
+    baseline's run, and after a keep the new incumbent is measured on the other class before
+    that class judges anything new."""
+    toml = _ray_spec(cluster.address, strategy="perturb") + CLASSES
+    repo = make_repo({"train.py": train_py(0.001)}, toml)
+    out = cli("run", "-t", "c", "-n", "10", cwd=repo, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "(1 fast, 2 big)" in out.stdout
+    rs = rows(repo, "c")
+    assert {r["hw_class"] for r in rs} == {"fast", "big"}
+    base = rs[0]
+    assert base["is_baseline"] and base["status"] == "keep"
+    other = {"fast": "big", "big": "fast"}[base["hw_class"]]
+    assert [r["hw_class"] for r in rs if r["repeat_of"] == base["id"]] == [other]
+    keeps = [r for r in rs if r["status"] == "keep" and not r["is_baseline"]]
+    assert keeps, [(r["status"], r["description"]) for r in rs]
+    for k in keeps:
+        there = {"fast": "big", "big": "fast"}[k["hw_class"]]
+        measured = [r for r in rs if r["repeat_of"] == k["id"] and r["hw_class"] == there]
+        later = [r for r in rs if r["repeat_of"] is None and not r["is_baseline"]
+                 and r["hw_class"] == there and r["started_at"]
+                 and r["started_at"] > k["finished_at"] and r["id"] > k["id"]]
+        if later:  # the class judged again: only after the incumbent had a number there
+            assert measured and measured[0]["finished_at"] <= later[0]["started_at"]
+
+
+def test_screen_then_confirm_tiers(make_repo, cli, cluster: Cluster):
+    toml = (_ray_spec(cluster.address, strategy="perturb", judge="") + CLASSES
+            + 'screen = "fast"\nconfirm = "big"\n')
+    repo = make_repo({"train.py": train_py(0.001)}, toml)
+    out = cli("run", "-t", "s", "-n", "14", cwd=repo, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rs = rows(repo, "s")
+    base = rs[0]
+    assert base["hw_class"] == "big"  # the reference: the confirm class
+    firsts = [r for r in rs if r["repeat_of"] is None and not r["is_baseline"]
+              and r["started_at"]]
+    assert firsts and all(r["hw_class"] == "fast" for r in firsts)
+    keeps = [r for r in rs if r["status"] == "keep" and not r["is_baseline"]]
+    assert keeps, [(r["status"], r["hw_class"], r["reason"]) for r in rs]
+    for k in keeps:  # every keep was confirmed on the confirm class, never on a screen draw
+        assert any(r["repeat_of"] == k["id"] and r["hw_class"] == "big"
+                   and r["status"] == "repeat" for r in rs), k
+    bad = make_repo({"train.py": train_py(0.001)}, _ray_spec(cluster.address) + CLASSES
+                    + 'screen = "fast"\nconfirm = "big"\nreference = "fast"\n')
+    refused = cli("run", "-t", "s", "-n", "2", cwd=bad)
+    assert refused.returncode == 2 and "the reference is the confirm class" in refused.stderr

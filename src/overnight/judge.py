@@ -141,6 +141,10 @@ class Runs:
         values.append(value)
         self.noise.set(group, tuple(values))
 
+    def count(self, group: int) -> int:
+        """How many measured runs the commit of row `group` has here."""
+        return len(self._values.get(group, ()))
+
     def of(self, row_id: int, baseline: bool) -> Evidence:
         """The evidence for one candidate (or the baseline: none of its runs selected it)."""
         return Evidence(tuple(self._values.get(row_id, ())), selected=not baseline)

@@ -73,7 +73,8 @@ CREATE TABLE IF NOT EXISTS experiments (
     estimate      REAL,
     runs          INTEGER NOT NULL DEFAULT 0,
     spread        REAL,
-    noise         REAL
+    noise         REAL,
+    hw_class      TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS experiments_tag ON experiments(tag, status);
 CREATE TABLE IF NOT EXISTS notes (
@@ -145,6 +146,7 @@ class Row:
     runs: int = 0
     spread: float | None = None
     noise: float | None = None
+    hw_class: str = ""  # the hardware class it ran on (or must run on, while queued)
     extra: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -190,6 +192,7 @@ _ADDED_COLUMNS = {
     "runs": "INTEGER NOT NULL DEFAULT 0",
     "spread": "REAL",
     "noise": "REAL",
+    "hw_class": "TEXT NOT NULL DEFAULT ''",
 }
 _COLUMNS = [f.name for f in fields(Row) if f.name != "extra"]
 

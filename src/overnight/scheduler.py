@@ -103,9 +103,14 @@ class Loop:
         self._baseline_id: int | None = None  # the latest baseline row (a retry is a new one)
         self.judge = judge.Judge(spec.objective, spec.judge)
         self.scope = Scope.of(spec)  # which constants are knobs, and their homes
-        self._runs = judge.Runs()  # every measured run, by candidate; the noise they show
+        # Every measured run, by hardware class, then by candidate; the noise they show.
+        # Results are compared only within a class: one class ("") on one machine.
+        self._runs_by: dict[str, judge.Runs] = {}
+        self._slot_class = executor.slot_classes  # the class of each slot, by index
+        self._classes = list(dict.fromkeys(self._slot_class))
         self._waiting: set[int] = set()  # confirm candidates waiting for the noise figure
         self._stopping = False  # interrupted: lost runs are left for the next resume
+        self._class_waiting: set[int] = set()  # confirm candidates waiting for the incumbent
 
     # -- the main path -----------------------------------------------------------
 
@@ -137,7 +142,8 @@ class Loop:
             self._fill_slots()
             self._request_proposals()
             if not self._pending and not self._proposing and not self._prechecking:
-                if self._ready and self._free_slots and not self._reached_max():
+                if self._ready and not self._reached_max() \
+                        and self._slot_for(self._ready[0]) is not None:
                     continue
                 break
             wait([*self._pending, *self._proposing, *self._prechecking],
@@ -152,16 +158,19 @@ class Loop:
         while self._free_slots and not self._reached_max():
             if self._drain():
                 continue  # a finished run is recorded before anything new is launched
-            if self._redo:
-                first = self._redo.pop(0)
-                self._launch(first if first.status == "queued" else self._retry_row(first))
+            if self._launch_redo():
                 continue
             if self._baseline_pending():
                 return  # nothing is proposed until the baseline has a number
             if self._ready:
-                self._launch(self._ready.pop(0))
+                slot = self._slot_for(self._ready[0])
+                if slot is None:
+                    return  # the free slots are of classes that cannot judge it now
+                self._launch(self._ready.pop(0), slot)
                 continue
             if self._stop or self.proposer is None or self.proposer.slow:
+                return
+            if not self._judging_slots():
                 return
             if len(self._prechecking) >= len(self._free_slots):
                 return  # enough candidates are being prechecked for the free slots
@@ -230,8 +239,8 @@ class Loop:
             req = self._request(row, self.runs_root / self.tag / f"{row.id}-precheck", None)
             fut = self.executor.precheck(req, run.precheck, run.precheck_timeout_seconds)
             self._prechecking[fut] = row
-        elif now:
-            self._launch(row)
+        elif now and (slot := self._slot_for(row)) is not None:
+            self._launch(row, slot)
         else:
             self._ready.append(row)
 
@@ -333,7 +342,7 @@ class Loop:
         for r in rows:
             if r.metric is None or r.status not in MEASURED:
                 continue
-            self._runs.add(r.id, r.repeat_of, r.metric)
+            self._runs_of(r.hw_class).add(r.id, r.repeat_of, r.metric)
 
     def _resume_confirmations(self) -> None:
         """Confirmations a stopped run left open go on: the baseline gets the rest of its
@@ -342,6 +351,9 @@ class Loop:
         if base is None or base.status != Status.KEEP:
             return
         self._top_up_baseline(base)
+        inc = self._incumbent()
+        if inc is not None and not inc.is_baseline and len(self._classes) > 1:
+            self._measure_everywhere(inc)  # its runs on other classes may have been lost
         for row in sorted(self._rows.values(), key=lambda r: r.id):
             if row.status == Status.CONFIRM:
                 self._decide(row)
@@ -406,6 +418,7 @@ class Loop:
             hypothesis=lost.hypothesis, proposer=lost.proposer, knobs=lost.knobs,
             retry_of=lost.id, kept_commit=lost.kept_commit if lost.is_baseline else None,
             fingerprint=lost.fingerprint, repeat_of=lost.repeat_of,
+            hw_class=lost.hw_class if lost.repeat_of is not None else "",
         )
         self.repo.pin(candidate_ref(self.tag, new_id), lost.commit_sha)
         return self._get(new_id)
@@ -527,11 +540,56 @@ class Loop:
 
     # -- one candidate's life: launched, run, judged, confirmed, decided, recorded ----------
 
-    def _launch(self, row: Row) -> None:
-        slot = self._free_slots.pop(0)
+    def _launch_redo(self) -> bool:
+        """Launch the first redone or queued run a free slot of its class can take."""
+        for i, row in enumerate(self._redo):
+            slot = self._slot_for(row)
+            if slot is not None:
+                del self._redo[i]
+                self._launch(row if row.status == "queued" else self._retry_row(row), slot)
+                return True
+        return False
+
+    def _slot_for(self, row: Row) -> int | None:
+        """A free slot that may run `row`: of its class when it has one (a repeat, a run of
+        the baseline or the incumbent on a class), else of a class that judges now (with
+        tiers: the screen class)."""
+        hw = self.spec.hardware
+        want = row.hw_class if row.repeat_of is not None else None
+        if want is None and hw.tiers:
+            want = hw.confirm if row.is_baseline else hw.screen
+        if want is None and row.is_baseline and hw.reference in self._classes:
+            want = hw.reference
+        for slot in self._free_slots:
+            cls = self._slot_class[slot]
+            if want is not None:
+                if cls == want:
+                    return slot
+            elif row.is_baseline or self._judges(cls):
+                return slot
+        return None
+
+    def _judges(self, cls: str) -> bool:
+        """Can class `cls` judge a first run now: the incumbent has a number there and no
+        run of it is still queued or running there."""
+        inc = self._incumbent()
+        if inc is None or not self._runs_of(cls).count(inc.id):
+            return False
+        busy = [*(j.row for j in self._pending.values()), *self._redo]
+        return not any(r.repeat_of == inc.id and r.hw_class == cls for r in busy)
+
+    def _judging_slots(self) -> bool:
+        if self.spec.hardware.tiers:
+            return any(self._slot_class[s] == self.spec.hardware.screen
+                       for s in self._free_slots)
+        return any(self._judges(self._slot_class[s]) for s in self._free_slots)
+
+    def _launch(self, row: Row, slot: int | None = None) -> None:
+        slot = self._free_slots[0] if slot is None else slot
+        self._free_slots.remove(slot)
         req = self._request(row, self.runs_root / self.tag / str(row.id), slot)
         self.ledger.update(row.id, status="running", slot=slot, run_dir=str(req.run_dir),
-                           log_path=str(req.log_path))
+                           log_path=str(req.log_path), hw_class=self._slot_class[slot])
         row = self._get(row.id)
         self._pending[self.executor.submit(req)] = _Job(row, req)
         self.report.started(row)
@@ -556,6 +614,7 @@ class Loop:
             tmp_bytes=run.tmp_size_mb << 20, max_processes=run.max_processes,
             objective=self.spec.objective.metric, pattern=self.spec.objective.pattern,
             knob_names=tuple(sorted(self.scope.named)), data=self.data.pairs,
+            hw_class=self._slot_class[slot] if slot is not None else "",
         )
 
     def _record(self, job: _Job, result: RunResult) -> None:
@@ -573,17 +632,29 @@ class Loop:
         inc = None if row.is_baseline else self._incumbent()
         if inc is None:
             decision = self.judge.baseline(run)
+        elif not self._runs_of(row.hw_class).count(inc.id) and self.judge.failure(run) is None:
+            # A keep on another class made a new incumbent while this ran: it is judged once
+            # the new incumbent has a number on this class.
+            decision = Decision(Status.CONFIRM, metric=run.value, reason=(
+                f"the incumbent changed while it ran: judged once #{inc.id} has a number on "
+                f"{row.hw_class or 'this machine'}"))
+            self._class_waiting.add(row.id)
         else:
-            decision = self.judge.first(run, self._evidence(inc), self._runs.noise,
+            cls = row.hw_class
+            decision = self.judge.first(run, self._evidence(inc, cls), self._noise(cls),
                                         self._simpler(row, inc))
             decision = self._reached(row, result, decision)
+            hw = self.spec.hardware
+            if hw.tiers and decision.status == Status.KEEP:  # a screening draw keeps nothing
+                decision = replace(decision, status=Status.CONFIRM,
+                                   reason=f"better on {hw.screen}: confirming on {hw.confirm}")
         if decision.status == Status.TAMPERED:
             self._tampered(row, result, decision)
         elif decision.status == Status.KEEP and self._gated(row):
             self._submit_checks(job, result, row)
         else:
             self._finish(row, result, decision, inc)
-            if decision.status == Status.CONFIRM:
+            if decision.status == Status.CONFIRM and row.id not in self._class_waiting:
                 self._next_run(self._get(row.id))
 
     def _reached(self, row: Row, result: RunResult, decision: Decision) -> Decision:
@@ -597,7 +668,12 @@ class Loop:
         """A candidate in `confirm` on all its evidence: keep (through the checks), discard,
         or one more run (later, if the baseline's noise figure is still being measured)."""
         inc = self._incumbent()
-        decision = self.judge.candidate(self._evidence(cand), self._evidence(inc), self._runs.noise,
+        cls = self._decision_class(cand)
+        if not self._runs_of(cls).count(inc.id):
+            self._class_waiting.add(cand.id)  # a new incumbent, not yet measured there
+            return
+        decision = self.judge.candidate(self._evidence(cand, cls), self._evidence(inc, cls),
+                                        self._noise(cls),
                                         self._simpler(cand, inc), failed)
         if decision.status == Status.CONFIRM:
             self.ledger.update(cand.id, reason=decision.reason, **_stats(decision))
@@ -613,16 +689,19 @@ class Loop:
         if self._baseline_runs_pending():
             self._waiting.add(cand.id)
             return
-        if self._runs.noise.exact:
+        cls = self._decision_class(cand)
+        if self._noise(cls).exact and self._runs_of(cls).count(cand.id):
             self._decide(cand)
             return
         self._queue_repeat(cand)
 
-    def _queue_repeat(self, cand: Row) -> None:
+    def _queue_repeat(self, cand: Row, cls: str | None = None) -> None:
+        """Another run of `cand` on class `cls` (default: where its keep is decided)."""
+        cls = self._decision_class(cand) if cls is None else cls
         rid = self.ledger.insert(
             self.tag, "queued", parent=cand.parent, commit_sha=cand.commit_sha,
             is_baseline=0, description=f"repeat of #{cand.id}: {cand.description}",
-            proposer=cand.proposer, knobs=cand.knobs, repeat_of=cand.id,
+            proposer=cand.proposer, knobs=cand.knobs, repeat_of=cand.id, hw_class=cls,
         )
         self.repo.pin(candidate_ref(self.tag, rid), cand.commit_sha)
         self._redo.append(self._get(rid))
@@ -642,23 +721,39 @@ class Loop:
             f"#{row.id} {decision.status}: {decision.reason}")
         if cand.is_baseline:
             self._update_baseline(cand)
+            self._release_class_waiting()
+            return
+        if cand.status == Status.KEEP:  # the incumbent measured on another class
+            self._release_class_waiting()
             return
         if cand.status == Status.CONFIRM:
             self._decide(cand, failed, hold=None)
+
+    def _release_class_waiting(self) -> None:
+        """Candidates that waited for the incumbent's number on their class go on."""
+        inc = self._incumbent()
+        for cid in sorted(self._class_waiting):
+            cand = self._get(cid)
+            if cand is None or cand.status != Status.CONFIRM:
+                self._class_waiting.discard(cid)
+            elif inc is not None and self._runs_of(self._decision_class(cand)).count(inc.id):
+                self._class_waiting.discard(cid)
+                self._next_run(cand)
 
     # -- the baseline's runs: the incumbent's estimate and the noise figure ------------
 
     def _update_baseline(self, base: Row) -> None:
         """Another run of the baseline: a better estimate of the incumbent and of the noise;
         candidates that waited for the noise figure go on once all of them are in."""
-        ev = self._evidence(base)
-        sigma = self._runs.noise.sigma
+        ev = self._evidence(base, base.hw_class)
+        noise = self._noise(base.hw_class)
+        sigma = noise.sigma
         self.ledger.update(base.id, estimate=ev.estimate, runs=len(ev.values), noise=sigma,
                            spread=sigma / math.sqrt(ev.n) if sigma is not None else None)
         self._get(base.id)
         if self._baseline_runs_pending():
             return
-        if self._runs.noise.exact:
+        if noise.exact:
             self.report.note("the baseline's runs measured exactly the same: the objective "
                              "is deterministic, so candidates are judged on one run")
         elif sigma is not None:
@@ -672,14 +767,24 @@ class Loop:
         self._waiting.clear()
 
     def _top_up_baseline(self, base: Row) -> None:
-        """The baseline runs `baseline_runs` times in all (confirm mode): the first noise
-        figure. Its repeats take free slots while the first proposals are prepared."""
-        if self.judge.greedy:
-            return
-        have = sum(1 for r in self._rows.values()
-                   if r.repeat_of == base.id and r.status not in ("lost", "rejected"))
-        for _ in range(self.spec.judge.baseline_runs - 1 - have):
-            self._queue_repeat(base)
+        """The baseline runs `baseline_runs` times in all (confirm mode) on every class: the
+        first noise figure, and the first incumbent estimate, of each (greedy: once on each
+        class). Its repeats take free slots while the first proposals are prepared."""
+        want = 1 if self.judge.greedy else self.spec.judge.baseline_runs
+        for cls in self._classes:
+            have = sum(1 for r in self._rows.values()
+                       if r.repeat_of == base.id and r.hw_class == cls
+                       and r.status not in ("lost", "rejected"))
+            have += cls == base.hw_class  # its own first run
+            for _ in range(want - have):
+                self._queue_repeat(base, cls)
+
+    def _measure_everywhere(self, kept: Row) -> None:
+        """A new incumbent is measured once on each other class before that class judges
+        anything new: its estimate there is what the class's candidates must beat."""
+        for cls in self._classes:
+            if cls != kept.hw_class and not self._runs_of(cls).count(kept.id):
+                self._queue_repeat(kept, cls)
 
     def _baseline_runs_pending(self) -> bool:
         base = self._baseline()
@@ -723,7 +828,8 @@ class Loop:
         # Judge again: the incumbent may have moved while the checks ran.
         inc = self._incumbent()
         decision = self.judge.first(judge.outcome(result, self.spec.objective.metric),
-                                    self._evidence(inc), self._runs.noise, self._simpler(row, inc))
+                                    self._evidence(inc, row.hw_class), self._noise(row.hw_class),
+                                    self._simpler(row, inc))
         self._finish(row, result, decision, inc)
         if decision.status == Status.CONFIRM:
             self._next_run(self._get(row.id))
@@ -743,7 +849,7 @@ class Loop:
             integrity=result.integrity,
         )
         if decision.metric is not None and decision.status in MEASURED:
-            self._runs.add(row.id, row.repeat_of, decision.metric)
+            self._runs_of(row.hw_class).add(row.id, row.repeat_of, decision.metric)
         row = self._settle(row, decision, inc, **facts)
         self._tidy(row)
         if row.is_baseline and row.status not in ("keep", "lost", "tampered"):
@@ -808,6 +914,8 @@ class Loop:
             kept = row.commit_sha if row.is_baseline else self._keep_commit(row, inc, decision)
             self.ledger.update(row.id, kept_commit=kept, **update)
             self.repo.set_ref(branch_ref(self.tag), kept)  # after the ledger: resume repairs
+            if not row.is_baseline and len(self._classes) > 1:
+                self._measure_everywhere(self._get(row.id))
         else:
             self.ledger.update(row.id, **update)
         return self._get(row.id)
@@ -881,8 +989,23 @@ class Loop:
         inc = self._incumbent()
         self.ledger.verify_rows([row.id] + ([inc.id] if inc else []))
 
-    def _evidence(self, row: Row) -> judge.Evidence:
-        return self._runs.of(row.id, row.is_baseline)
+    def _runs_of(self, cls: str) -> judge.Runs:
+        return self._runs_by.setdefault(cls, judge.Runs())
+
+    def _noise(self, cls: str) -> judge.Noise:
+        return self._runs_of(cls).noise
+
+    def _evidence(self, row: Row, cls: str) -> judge.Evidence:
+        """The row's runs on class `cls`. Its first run selected it (it looked better) only
+        on the class it ran on: confirm runs on another class carry no selection."""
+        selected = not row.is_baseline and cls == row.hw_class and row.repeat_of is None
+        return self._runs_of(cls).of(row.id, baseline=not selected)
+
+    def _decision_class(self, cand: Row) -> str:
+        """Where a candidate's keep is decided: the confirm class with tiers, else the class
+        of its first run."""
+        hw = self.spec.hardware
+        return hw.confirm if hw.tiers and not cand.is_baseline else cand.hw_class
 
     def _simpler(self, row: Row, inc: Row) -> bool:
         """Fewer lines of code than the incumbent (for [judge] prefer_simpler)."""

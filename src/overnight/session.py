@@ -12,6 +12,7 @@ from pathlib import Path
 from rich.console import Console
 
 from overnight import sandbox
+from overnight.errors import ConfigError
 from overnight.executors import cgroups
 from overnight.executors.local import LocalExecutor, resolve_slots
 from overnight.proposers import make_proposer
@@ -105,9 +106,16 @@ def _executor(spec, run, parallel: int | None, console: Console):  # noqa: ANN00
             console.print("[yellow]warning:[/] [run] parallel is ignored under Ray: "
                           "[ray] max_slots (default: what the cluster holds) says how many "
                           "experiments run at once", highlight=False)
-        executor = RayExecutor(spec.ray, run.kill_grace_seconds)
+        executor = RayExecutor(spec.ray, run.kill_grace_seconds, spec.hardware)
+        classes = executor.slot_classes
+        shown = ", ".join(f"{classes.count(c)} {c}" for c in dict.fromkeys(classes))
+        _check_classes(spec, set(classes))
         return executor, (f"{executor.slots} Ray slot(s) of "
-                          f"{', '.join(f'{k} {v:g}' for k, v in spec.ray.slot_resources.items())}")
+                          f"{', '.join(f'{k} {v:g}' for k, v in spec.ray.slot_resources.items())}"
+                          + (f" ({shown})" if len(set(classes)) > 1 else ""))
+    if spec.hardware.tiers or spec.hardware.classes:
+        raise ConfigError("[hardware] classes and screen/confirm tiers need the Ray executor "
+                          '([run] executor = "ray"): one machine is one class')
     slots, gpus = resolve_slots(run.parallel)
     executor = LocalExecutor(slots, gpus)
     return executor, f"{slots} GPU slot(s)" if gpus else f"{slots} CPU slot(s)"
@@ -128,6 +136,17 @@ def _program_loops(ws: Workspace, spec) -> str | None:  # noqa: ANN001
     return (f"{spec.proposer.program} tells an agent to run its own loop (git, runs, results, "
             "looping): the model is told that overnight owns those and that its contract wins; "
             "the rest is its research guidance")
+
+
+def _check_classes(spec, present: set[str]) -> None:  # noqa: ANN001
+    """The classes the spec names must have slots in the cluster."""
+    hw = spec.hardware
+    for role, name in (("reference", hw.reference), ("screen", hw.screen),
+                       ("confirm", hw.confirm)):
+        if name is not None and name not in present:
+            raise ConfigError(f"[hardware] {role} = {name!r}, but the cluster has no slot of "
+                              f"that class (it has {', '.join(sorted(present)) or 'none'}): "
+                              "add such nodes or fix the name")
 
 
 def _budget_unread(ws: Workspace, spec) -> str | None:  # noqa: ANN001

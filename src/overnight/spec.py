@@ -283,6 +283,38 @@ class RaySpec(_Section):
         return v
 
 
+class Hardware(_Section):
+    """Hardware classes: results are compared only within a class (Ray executor)."""
+
+    # Class name -> the Ray resource its nodes have, e.g. { fast = "accelerator_type:H100",
+    # big = "big" }. Default: one class per accelerator type in the cluster (or "cpu").
+    classes: dict[str, str] = Field(default_factory=dict)
+    reference: str | None = None  # the class whose numbers are reported
+    screen: str | None = None  # first runs of new candidates go here...
+    confirm: str | None = None  # ...their confirm runs here; a keep needs this class's word
+
+    @model_validator(mode="after")
+    def _tiers(self) -> Hardware:
+        if (self.screen is None) != (self.confirm is None):
+            raise ValueError("screen and confirm go together: name both classes, or neither")
+        named = [c for c in (self.reference, self.screen, self.confirm) if c is not None]
+        unknown = [c for c in named if self.classes and c not in self.classes]
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)} is not one of the classes "
+                             f"({', '.join(self.classes)})")
+        if self.screen is not None and self.screen == self.confirm:
+            raise ValueError("screen and confirm must be two different classes")
+        if self.confirm is not None and self.reference not in (None, self.confirm):
+            raise ValueError(f"with screen and confirm tiers the reference is the confirm "
+                             f"class ({self.confirm}), so that a kept number is never a "
+                             f"screening draw; got reference = {self.reference!r}")
+        return self
+
+    @property
+    def tiers(self) -> bool:
+        return self.confirm is not None
+
+
 class Spec(_Section):
     objective: Objective
     run: Run
@@ -294,6 +326,7 @@ class Spec(_Section):
     llm: LLM | None = None
     agent: Agent | None = None
     ray: RaySpec = Field(default_factory=RaySpec)
+    hardware: Hardware = Field(default_factory=Hardware)
 
     @model_validator(mode="after")
     def _proposer_configured(self) -> Spec:

@@ -45,6 +45,7 @@ class RunRequest:
     objective: str | None = None
     pattern: str | None = None
     knob_names: tuple[str, ...] = ()  # lowercase knobs whose values at exit are recorded
+    hw_class: str = ""  # the hardware class of its slot ("" on a single-class executor)
     # [run] data: (path in the run, absolute source) pairs, read-only in the run.
     data: tuple[tuple[str, str], ...] = ()
 
@@ -98,6 +99,12 @@ class Executor(ABC):
     slots: int
     _cancelled: threading.Event
     _side: ThreadPoolExecutor | None = None
+
+    @property
+    def slot_classes(self) -> list[str]:
+        """The hardware class of each slot: results compare only within a class. One class
+        ("") unless the executor spans kinds of hardware."""
+        return [""] * self.slots
 
     def precheck(self, request: RunRequest, command: str, timeout: float
                  ) -> Future[CheckResult]:

@@ -43,7 +43,7 @@ from overnight.executors import runner
 from overnight.executors.base import CheckResult, Executor, RunRequest, RunResult
 
 if TYPE_CHECKING:
-    from overnight.spec import RaySpec
+    from overnight.spec import Hardware, RaySpec
 
 BRING_BACK_MAX_BYTES = 256 << 20  # artifacts a run sends back to the head, at most
 CANCEL_GRACE_SECONDS = 10  # after a polite cancel, before the worker is killed
@@ -59,7 +59,7 @@ def _ray() -> Any:
 
 
 class RayExecutor(Executor):
-    def __init__(self, cfg: RaySpec, grace: float = 5.0) -> None:
+    def __init__(self, cfg: RaySpec, grace: float = 5.0, hw: Hardware | None = None) -> None:
         ray = _ray()
         if not ray.is_initialized():
             try:
@@ -71,30 +71,58 @@ class RayExecutor(Executor):
                                   "set the address of its head") from None
         self.cfg = cfg
         self.grace = grace
-        self.slots = cfg.max_slots or self.capacity()
+        self.classes = _classes(ray, hw.classes if hw else {})  # name -> resource ("": none)
+        per_class = self._slots_per_class(ray)
+        self._slot_classes = [c for c, n in per_class.items() for _ in range(n)]
+        if cfg.max_slots is not None:
+            self._slot_classes = _spread(per_class, cfg.max_slots)
+        self.slots = len(self._slot_classes)
         if self.slots < 1:
             raise ConfigError(
                 f"the Ray cluster has no room for one slot of {cfg.slot_resources} (it has "
                 f"{_shown(ray.cluster_resources())}): add nodes with those resources, or set "
                 "[ray] slot_resources to what a node has, e.g. { CPU = 1 }")
-        options = _options(cfg.slot_resources)
-        self._run = ray.remote(_run_remote).options(max_retries=0, **options)
-        self._check = ray.remote(_check_remote).options(max_retries=0, **options)
-        # Ray starts a worker process per concurrent task the first time (seconds each, on
-        # a busy node): start them now, while the baseline runs, not when the slots fill.
-        self._warm = [ray.remote(_warm).options(max_retries=0, **options).remote()
-                      for _ in range(self.slots)]
+        self._run: dict[str, Any] = {}
+        self._check: dict[str, Any] = {}
+        self._warm = []
+        for name, key in self.classes.items():
+            # A class's runs ask for a sliver of its resource, so Ray places them only on
+            # its nodes: each class is measured against itself.
+            options = _options({**cfg.slot_resources, **({key: 0.001} if key else {})})
+            self._run[name] = ray.remote(_run_remote).options(max_retries=0, **options)
+            self._check[name] = ray.remote(_check_remote).options(max_retries=0, **options)
+            # Ray starts a worker process per concurrent task the first time (seconds each
+            # on a busy node): start them now, while the baseline runs.
+            warm = ray.remote(_warm).options(max_retries=0, **options)
+            self._warm += [warm.remote() for _ in range(per_class.get(name, 0))]
         self._pool = ThreadPoolExecutor(max_workers=max(4, 2 * self.slots),
                                         thread_name_prefix="overnight-ray")
         self._live: dict[int, Any] = {}  # experiment id -> its task (an ObjectRefGenerator)
         self._lock = threading.Lock()
         self._cancelled = threading.Event()
 
+    @property
+    def slot_classes(self) -> list[str]:
+        return list(self._slot_classes)
+
     def capacity(self) -> int:
         """How many slots the cluster holds now."""
-        total = _ray().cluster_resources()
-        return min((math.floor(total.get(k, 0) / v) for k, v in self.cfg.slot_resources.items()
-                    if v > 0), default=0)
+        return sum(self._slots_per_class(_ray()).values())
+
+    def _slots_per_class(self, ray: Any) -> dict[str, int]:
+        """Slots of `slot_resources` each class's live nodes can hold."""
+        out = {name: 0 for name in self.classes}
+        for node in ray.nodes():
+            if not node.get("Alive"):
+                continue
+            res = node.get("Resources", {})
+            fits = min((math.floor(res.get(k, 0) / v) for k, v in self.cfg.slot_resources.items()
+                        if v > 0), default=0)
+            for name, key in self.classes.items():
+                if not key or res.get(key, 0) > 0:
+                    out[name] += fits
+                    break
+        return out
 
     # -- runs ---------------------------------------------------------------------------
 
@@ -107,7 +135,7 @@ class RayExecutor(Executor):
         if self._cancelled.is_set():
             return RunResult("lost", None, started, started, reason="interrupted before start")
         _fresh_local(req.run_dir)
-        task = self._run.remote(_carry_env(req))
+        task = self._run[self._class(req)].remote(_carry_env(req))
         with self._lock:
             self._live[req.experiment_id] = task
         result: RunResult | None = None
@@ -134,8 +162,8 @@ class RayExecutor(Executor):
         def drive() -> CheckResult:
             ray = _ray()
             try:
-                ok, reason, log = ray.get(self._check.remote(_carry_env(request), command,
-                                                             timeout))
+                ok, reason, log = ray.get(self._check[self._class(request)].remote(
+                    _carry_env(request), command, timeout))
             except Exception as e:  # noqa: BLE001
                 return CheckResult(False, f"the checks could not run: {_why_lost(e, ray)}")
             path = request.run_dir / "checks.log"
@@ -143,6 +171,9 @@ class RayExecutor(Executor):
             return CheckResult(ok, reason, path)
 
         return self._pool.submit(drive)
+
+    def _class(self, req: RunRequest) -> str:
+        return req.hw_class if req.hw_class in self._run else next(iter(self._run))
 
     def cancel_all(self) -> None:
         """Cancel every task: politely (the runner stops its process group, TERM then KILL),
@@ -173,6 +204,31 @@ def _carry_env(req: RunRequest) -> RunRequest:
     the experiment see travel with the request, with the values they have here."""
     carried = {k: os.environ[k] for k in req.allow_env if k in os.environ}
     return dataclasses.replace(req, env={**carried, **req.env})
+
+
+def _classes(ray: Any, named: dict[str, str]) -> dict[str, str]:
+    """Class name -> the Ray resource its nodes have: as [hardware] classes says, or one
+    class per accelerator type in the cluster (`accelerator_type:H100` -> "H100"), or a
+    single class "cpu" ("" : no resource to ask for)."""
+    if named:
+        return dict(named)
+    kinds = sorted({k.split(":", 1)[1] for n in ray.nodes() if n.get("Alive")
+                    for k in n.get("Resources", {}) if k.startswith("accelerator_type:")})
+    if kinds:
+        return {kind: f"accelerator_type:{kind}" for kind in kinds}
+    return {"cpu": ""}
+
+
+def _spread(per_class: dict[str, int], cap: int) -> list[str]:
+    """At most `cap` slots, taken from the classes in turn (each keeps a share)."""
+    left = dict(per_class)
+    out: list[str] = []
+    while len(out) < cap and any(left.values()):
+        for name in left:
+            if left[name] and len(out) < cap:
+                out.append(name)
+                left[name] -= 1
+    return out
 
 
 def _cancel(ray: Any, task: Any, force: bool) -> None:
