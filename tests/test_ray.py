@@ -143,14 +143,21 @@ def test_each_class_has_its_own_baseline_and_measures_a_new_incumbent(make_repo,
     assert [r["hw_class"] for r in rs if r["repeat_of"] == base["id"]] == [other]
     keeps = [r for r in rs if r["status"] == "keep" and not r["is_baseline"]]
     assert keeps, [(r["status"], r["description"]) for r in rs]
+    ends = sorted(k["finished_at"] for k in keeps)
+    checked = 0
     for k in keeps:
         there = {"fast": "big", "big": "fast"}[k["hw_class"]]
         measured = [r for r in rs if r["repeat_of"] == k["id"] and r["hw_class"] == there]
-        later = [r for r in rs if r["repeat_of"] is None and not r["is_baseline"]
-                 and r["hw_class"] == there and r["started_at"]
-                 and r["started_at"] > k["finished_at"] and r["id"] > k["id"]]
-        if later:  # the class judged again: only after the incumbent had a number there
-            assert measured and measured[0]["finished_at"] <= later[0]["started_at"]
+        until = next((t for t in ends if t > k["finished_at"]), float("inf"))
+        # Children of k that ran on the other class while k was the incumbent: each started
+        # only once k had a number there.
+        children = [r for r in rs if r["parent"] == k["commit_sha"] and r["repeat_of"] is None
+                    and r["hw_class"] == there and r["started_at"]
+                    and r["started_at"] < until]
+        for c in children:
+            assert measured and measured[0]["finished_at"] <= c["started_at"], (k, c)
+        checked += len(children)
+    assert checked  # some candidate did run on the other class after a keep
 
 
 def test_screen_then_confirm_tiers(make_repo, cli, cluster: Cluster):
