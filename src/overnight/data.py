@@ -120,9 +120,10 @@ def resolve(repo: Repo, paths: list[str]) -> Data:
 
 
 def pin(ledger: Ledger, tag: str, data: Data) -> dict[str, str]:
-    """Record the data's hashes with the tag (once: its baseline measured on them)."""
+    """Record the data's hashes with the tag (its baseline is measured on them; a record
+    left by a start that died before its baseline was recorded is replaced)."""
     digest = data.digest()
-    if not any(e["kind"] == EVENT for e in ledger.events(tag)):
+    if pinned(ledger, tag) != digest:
         ledger.event(tag, EVENT, json.dumps(digest, sort_keys=True))
     return digest
 

@@ -110,6 +110,9 @@ class History:
 
     def add(self, row: Row) -> None:
         """A row of the tag as the ledger holds it now (new, or changed since it was added)."""
+        if row.failed_start:
+            self._drop(row.id)  # a baseline that never got its number is no part of the tag
+            return
         was = self._status.get(row.id)
         if was != row.status:
             if was is not None:
@@ -133,6 +136,24 @@ class History:
         e = experiment(row)
         self._exp[row.id] = e
         self._remember(e, row)
+
+    def _drop(self, experiment_id: int) -> None:
+        """Forget a row entirely (its fingerprint stays: the log of what was tried is
+        append-only)."""
+        was = self._status.pop(experiment_id, None)
+        if was is not None:
+            self._rows_by_status[was] -= 1
+            if not self._rows_by_status[was]:
+                del self._rows_by_status[was]
+        old = self._exp.pop(experiment_id, None)
+        if old is None:
+            return
+        self._forget(old)
+        self._order.remove(experiment_id)
+        self._logs.pop(experiment_id, None)
+        if self._baseline == experiment_id:
+            self._baseline = max((i for i, e in self._exp.items() if e.is_baseline),
+                                 default=None)
 
     def _forget(self, e: Experiment) -> None:
         """Undo what `_remember` noted of an experiment's previous state."""

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from overnight.errors import ConfigError, IntegrityHalt, OvernightError
-from overnight.status import ACTIVE, FINAL, TSV_STATUS, Status  # noqa: F401 - FINAL: re-exported
+from overnight.status import ACTIVE, FAILED, FINAL, TSV_STATUS, Status  # noqa: F401 - FINAL
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS experiments (
@@ -160,6 +160,15 @@ class Row:
         """What the candidate measures, as well as it is known: its estimate from all its
         runs once it has one, else its one run's metric."""
         return self.estimate if self.estimate is not None else self.metric
+
+    @property
+    def failed_start(self) -> bool:
+        """A baseline that never got its number (it crashed, timed out, failed its checks or
+        precheck, or was interrupted or never ran): its tag did not come into being with it,
+        so it counts for nothing and is nowhere but in `show`, the JSONL and, until a
+        baseline has a number, `status`. A tampered baseline is not one: that stays in view."""
+        return (self.is_baseline and self.repeat_of is None
+                and self.status in FAILED | {Status.REJECTED, Status.LOST})
 
     @property
     def memory_gb(self) -> float | None:
@@ -790,14 +799,15 @@ def export_tsv(rows: list[Row], metric: str) -> str:
     One row per candidate once it is decided (the baseline included), in karpathy's four
     statuses (status.TSV_STATUS: timeout and tampered are crash, checks_failed is discard);
     its metric is the candidate's value (the estimate from its runs when it has one). Repeat
-    runs, rejected proposals, lost runs and undecided candidates are only in the JSONL.
+    runs, rejected proposals, lost runs, failed starts and undecided candidates are only in
+    the JSONL.
     """
     buf = io.StringIO()
     w = csv.writer(buf, delimiter="\t", lineterminator="\n")
     w.writerow(["commit", metric, "memory_gb", "status", "description"])
     for r in rows:
         status = TSV_STATUS.get(r.status)  # a Status is a str: "keep" finds Status.KEEP
-        if status is None or r.repeat_of is not None:
+        if status is None or r.repeat_of is not None or r.failed_start:
             continue
         value = r.value
         shown = f"{value:.6f}" if value is not None and status != "crash" else "0.000000"

@@ -13,9 +13,11 @@ from overnight.spec import Spec
 
 
 def pin_spec(ledger: Ledger, tag: str, spec: Spec) -> None:
-    """The baseline has its number: from now on this tag measures exactly this way."""
-    if pinned_spec(ledger, tag) is None:
-        ledger.event(tag, "spec", _canonical(spec_record(spec)))
+    """The baseline is getting its number: from now on this tag measures exactly this way.
+    (A pin left by a start that died before its baseline was recorded is replaced.)"""
+    now = spec_record(spec)
+    if pinned_spec(ledger, tag) != now:
+        ledger.event(tag, "spec", _canonical(now))
 
 
 def pinned_spec(ledger: Ledger, tag: str) -> dict | None:
@@ -26,7 +28,8 @@ def pinned_spec(ledger: Ledger, tag: str) -> dict | None:
 def check_spec(ledger: Ledger, tag: str, spec: Spec, accept: bool,
                note: Callable[[str], None]) -> None:
     """A resumed tag measures as its baseline did, or says why it may not (refused
-    unless --accept-spec-change; either way the change is recorded)."""
+    unless --accept-spec-change; either way the change is recorded). Only a tag whose
+    baseline has a number is bound by its pin: the caller checks."""
     pinned = pinned_spec(ledger, tag)
     if pinned is None:
         return

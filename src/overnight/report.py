@@ -15,7 +15,7 @@ from overnight.ledger import Ledger, Row
 from overnight.metrics import tail
 from overnight.spec import Judge as JudgeSpec
 from overnight.spec import Objective
-from overnight.status import ACTIVE, FAILED, NOT_COUNTED, Status
+from overnight.status import ACTIVE, NOT_COUNTED, Status
 from overnight.text import printable
 
 STATUS_STYLE = {
@@ -184,8 +184,9 @@ def status_view(ledger: Ledger, tag: str, objective: Objective,
                 judge_spec: JudgeSpec | None = None) -> Group:
     """`overnight status`: runs and candidates, baseline, best, noise, what is in flight."""
     rows = ledger.experiments(tag)
-    failed_starts = [r for r in rows if r.is_baseline and r.status in FAILED | {Status.REJECTED}]
-    ran = [r for r in rows if r.status not in NOT_COUNTED and r not in failed_starts]
+    failed_starts = [r for r in rows if r.failed_start]
+    rows = [r for r in rows if not r.failed_start]  # the tag is what came after them
+    ran = [r for r in rows if r.status not in NOT_COUNTED]
     candidates = [r for r in ran if r.repeat_of is None]
     repeats = [r for r in ran if r.repeat_of is not None]
     uncounted = [r for r in rows if r.status in NOT_COUNTED - ACTIVE]
@@ -197,10 +198,17 @@ def status_view(ledger: Ledger, tag: str, objective: Objective,
                         f"{_plural(len(repeats), 'repeat')}", style="bold")]
     if failed_starts and baseline is None:
         last = failed_starts[-1]
-        tries = f"{len(failed_starts)} {'try' if len(failed_starts) == 1 else 'tries'}"
-        lines.append(Text(f"  not started: the baseline failed ({tries}); fix it and run "
-                          "the same command again", style="yellow"))
-        lines.append(Text(f"    #{last.id} {last.status}: {printable(last.reason)[:200]} "
+        n = len(failed_starts)
+        tries = f"{n} {'try' if n == 1 else 'tries'}"
+        if any(r.status in ACTIVE for r in rows):
+            said = f"not started: a fresh baseline is on its way ({tries} before it)"
+        elif last.status == Status.LOST:
+            said = f"not started: the baseline was interrupted ({tries}); run the same command"
+        else:
+            said = (f"not started: the baseline failed ({tries}); fix it and run the same "
+                    "command again")
+        lines.append(Text(f"  {said}", style="yellow"))
+        lines.append(Text(f"    #{last.id} {last.status}: {printable(last.reason)[:300]} "
                           f"(`overnight show {last.id}` has its log)", style="yellow"))
     if candidates:
         lines.append(Text(f"  candidates  {_counts(candidates)}"))

@@ -33,7 +33,7 @@ from overnight.proposers.edits import knob_values
 from overnight.sandbox import redact, venv_paths
 from overnight.snapshot import Repo, branch_ref, candidate_ref
 from overnight.spec import Spec
-from overnight.status import FAILED, MEASURED, NOT_COUNTED, Status
+from overnight.status import MEASURED, NOT_COUNTED, Status
 from overnight.tree import Tree
 
 MAX_LOST_RETRIES = 2  # a candidate whose run is lost is redone at most this many times
@@ -85,6 +85,7 @@ class Loop:
         self.data = data or Data()  # [run] data: pinned with the spec, watched between runs
         self._data_key = self.data.stat_key()
         self.results_tsv = results_tsv  # rewritten as each experiment is decided
+        self._tsv_failed = False  # said once, until it can be written again
         self.proposer: Proposer | None = None
         self._pending: dict[Future, _Job] = {}
         self._redo: list[Row] = []  # queued rows to launch, or lost/tampered rows to retry
@@ -307,9 +308,7 @@ class Loop:
         self._gather_evidence(rows)
         redo = []
         if not any(r.status == "keep" for r in rows):
-            baseline = self._start_baseline(rows)
-            if baseline is not None:
-                redo.append(baseline)
+            redo.append(self._start_baseline(rows))
             rows = self.ledger.experiments(self.tag)
             self._adopt(rows)
         self._repair_refs(rows)
@@ -317,13 +316,15 @@ class Loop:
         for r in rows:
             if r.status != "lost" or r.id in retried or r.repeat_of is not None:
                 continue  # a lost repeat is not redone as such: its candidate asks again
+            if r.failed_start:
+                continue  # a baseline that never got its number: a fresh one starts instead
             depth = self._retry_depth(r, rows)
             if r.commit_sha and (r.is_baseline or depth < MAX_LOST_RETRIES):
                 redo.append(r)
             else:
                 self._give_up(r, depth + 1)
         base = self._baseline()
-        if base is not None:
+        if base is not None and self.proposer is None:
             self.proposer = self.make_proposer(self._files(base.commit_sha))
         self._redo = redo
         self._resume_confirmations()
@@ -335,7 +336,8 @@ class Loop:
         self._history = History(self.spec.objective.direction, _log_tail)
         for r in rows:
             self._history.add(r)
-        self._baseline_id = max((r.id for r in rows if r.is_baseline), default=None)
+        self._baseline_id = max((r.id for r in rows if r.is_baseline and not r.failed_start),
+                                default=None)
 
     def _gather_evidence(self, rows: list[Row]) -> None:
         """Every measured run, grouped by the commit's first row: the judge's evidence."""
@@ -358,20 +360,23 @@ class Loop:
             if row.status == Status.CONFIRM:
                 self._decide(row)
 
-    def _start_baseline(self, rows: list[Row]) -> Row | None:
-        """A tag with no kept experiment starts (over) from HEAD, unchanged. The tag comes
-        into being when this run has a number: until then no branch, no spec pin, and a
-        failed start's row (kept, with its log and reason) counts for nothing."""
+    def _start_baseline(self, rows: list[Row]) -> Row:
+        """A tag with no kept experiment starts (over) from HEAD, unchanged, with a fresh
+        baseline: the tag comes into being when it has a number. Until then there is no
+        branch and no spec pin, and each failed start (crashed, interrupted, never run; its
+        row kept with its log and reason) counts for nothing and is not redone: fixing the
+        script or the spec and running again just works."""
         head = self.repo.head()
-        existing = self.repo.ref(branch_ref(self.tag))
-        if existing and not rows:
+        if self.repo.ref(branch_ref(self.tag)):
+            had = "has no measured baseline" if rows else "has no experiments"
             raise ConfigError(
-                f"branch overnight/{self.tag} exists but the ledger has no experiments for tag "
-                f"'{self.tag}': choose another --tag, or delete the branch "
-                f"(git branch -D overnight/{self.tag})"
+                f"branch overnight/{self.tag} exists but tag '{self.tag}' {had} in the "
+                f"ledger, so overnight did not make it: choose another --tag, or delete the "
+                f"branch (git branch -D overnight/{self.tag})"
             )
-        if any(r.is_baseline and r.status == "lost" for r in rows):
-            return None  # the lost baseline is redone through the redo queue
+        # The proposer is made before the row: a search space that cannot work stops the
+        # start here, leaving nothing behind.
+        self.proposer = self.make_proposer(self._files(head))
         rid = self.ledger.insert(self.tag, "queued", is_baseline=1, commit_sha=head,
                                  description="baseline", proposer="baseline",
                                  knobs=self._knobs_of(head),
@@ -855,21 +860,29 @@ class Loop:
         if row.is_baseline and row.status not in ("keep", "lost", "tampered"):
             raise ConfigError(self._baseline_failed(row))
         if row.is_baseline and row.status == Status.KEEP:
-            self._pin_spec()
             self._top_up_baseline(row)
-        self.report.finished(row, self._incumbent(), self._counted())
         self._write_tsv()
+        self.report.finished(row, self._incumbent(), self._counted())
         if row.status == Status.LOST and not self._stopping:
             self._rerun(row)
         return row
 
     def _write_tsv(self) -> None:
         """[run] results_tsv: what `overnight export` prints, replaced atomically (a link
-        placed at its name is replaced, never written through)."""
+        placed at its name is replaced, never written through). A file that cannot be
+        written stops nothing: the ledger has every row."""
         if self.results_tsv is None:
             return
         rows = sorted(self._rows.values(), key=lambda r: r.id)
-        atomic_write(self.results_tsv, export_tsv(rows, self.spec.objective.metric))
+        try:
+            atomic_write(self.results_tsv, export_tsv(rows, self.spec.objective.metric))
+        except OSError as e:
+            if not self._tsv_failed:
+                self.report.note(f"could not write {self.results_tsv}: {e}; the ledger has "
+                                 "every result (`overnight export`)")
+            self._tsv_failed = True
+        else:
+            self._tsv_failed = False
 
     def _rerun(self, row: Row) -> None:
         """A run lost while the loop goes on (its Ray worker or node died): run it again, a
@@ -900,12 +913,16 @@ class Loop:
         """A candidate decided on all its runs (they are recorded already)."""
         self._waiting.discard(cand.id)
         row = self._settle(cand, decision, inc, finished_at=time.time())
-        self.report.finished(row, self._incumbent(), self._counted())
         self._write_tsv()
+        self.report.finished(row, self._incumbent(), self._counted())
 
     def _settle(self, row: Row, decision: Decision, inc: Row | None, **facts) -> Row:
         if decision.status == Status.KEEP:
             self._branch_before_keep(row)
+        if decision.status == Status.KEEP and row.is_baseline:
+            # Pinned before the number is recorded: a tag with a measured baseline always
+            # has its pin (one written by a start that died before this point binds nothing).
+            self._pin_spec()
         update = dict(status=decision.status, delta=decision.delta, reason=decision.reason,
                       **_stats(decision), **facts)
         if decision.status == Status.KEEP:
@@ -967,9 +984,11 @@ class Loop:
             self._free_slots.sort()
 
     def _interrupt(self) -> None:
-        """Ctrl-C or a halt: kill what runs, record it as lost (a later run redoes it)."""
+        """Ctrl-C or a halt: record what had already ended, kill what runs and record it as
+        lost (a later run redoes it)."""
         self._stopping = True
         self.report.note("stopping: killing running experiments...")
+        self._record_finished()
         self.executor.cancel_all()
         for fut, job in list(self._pending.items()):
             if job.checks and job.result is None:
@@ -980,6 +999,18 @@ class Loop:
             self._finish(job.row, result, Decision(Status.LOST, reason=result.reason))
         self._pending.clear()
         self.ledger.mark_lost(self.tag, "interrupted (the loop was stopped)")
+
+    def _record_finished(self) -> None:
+        """Runs that ended before the stop are recorded as they ended, not as lost: a
+        baseline that has its number is never thrown away."""
+        for fut, job in list(self._pending.items()):
+            if job.checks or not fut.done():
+                continue
+            del self._pending[fut]
+            try:
+                self._record(job, fut.result())
+            except ConfigError as e:  # the baseline failed: say why; the loop stops anyway
+                self.report.note(str(e))
 
     # -- what the judge is given ---------------------------------------------------------
 
@@ -1021,6 +1052,8 @@ class Loop:
             data.pin(self.ledger, self.tag, self.data)
 
     def _check_spec(self) -> None:
+        if self._incumbent() is None:
+            return  # no measured baseline: the tag does not exist yet, nothing is pinned
         pins.check_spec(self.ledger, self.tag, self.spec, self.accept_spec_change,
                         self.report.note)
         if self.data.pairs:
@@ -1029,7 +1062,7 @@ class Loop:
 
     def _check_data(self) -> None:
         """Between runs: the data's sizes and times, and its hashes once they moved."""
-        if not self.data.pairs:
+        if not self.data.pairs or self._incumbent() is None:
             return
         key = self.data.stat_key()
         if key != self._data_key:
@@ -1084,11 +1117,10 @@ class Loop:
         return self._incumbent() is None
 
     def _counted(self) -> int:
-        """Runs that count: repeats too (compute is compute), rejected proposals not. From
-        the rows the loop holds (every write is reread), not a count over the whole ledger."""
-        failed_starts = sum(1 for r in self._rows.values()
-                            if r.is_baseline and r.status in FAILED)  # not a tag yet
-        return self._history.runs(exclude=NOT_COUNTED) - failed_starts
+        """Runs that count: repeats too (compute is compute), rejected proposals and failed
+        starts not (History leaves them out). From the rows the loop holds (every write is
+        reread), not a count over the whole ledger."""
+        return self._history.runs(exclude=NOT_COUNTED)
 
     def _reached_max(self) -> bool:
         if self.max is None:
@@ -1108,20 +1140,36 @@ class Loop:
         return knob_values(self._files(commit), self.scope)
 
     def _baseline_failed(self, row: Row) -> str:
+        """The failed start's message, with advice for its cause (also kept in its reason,
+        for `status` and `show`)."""
         log = tail(Path(row.log_path), 15) if row.log_path else ""
-        whole = tail(Path(row.log_path), 200) if row.log_path else ""
-        run, objective = self.spec.run, self.spec.objective
-        fix = diagnose.advice(row.status, row.reason, whole, command=run.command,
-                              metric=objective.metric, pattern=objective.pattern,
-                              root=self.repo.root, timeout=run.timeout_seconds)
+        found = self._diagnose(row)
+        if found.summary:
+            self.ledger.update(row.id, reason=f"{row.reason}: {found.summary}")
+            self._get(row.id)
+        run = self.spec.run
         return (
             f"the baseline (HEAD {row.commit_sha[:10]}, unchanged) did not produce a result: "
             f"{row.status}: {row.reason}\n"
             f"Command: {run.command}\nLog: {row.log_path}\n"
             + (f"--- last lines ---\n{log}\n---\n" if log else "")
-            + fix + "\nNothing was recorded for the tag but this failed start: fix it, commit, "
-            "and run the same command again."
+            + found.advice + "\nThis failed start created no branch, no spec pin and nothing "
+            "that counts: fix it, commit, and run the same command again."
         )
+
+    def _diagnose(self, row: Row) -> diagnose.Diagnosis:
+        """Why the baseline gave no number, from its log's end and its exit code."""
+        run, objective = self.spec.run, self.spec.objective
+        log = tail(Path(row.log_path), 200) if row.log_path else ""
+        cause = diagnose.classify(log, row.status, row.returncode, objective.metric)
+        commit = row.commit_sha
+        where = diagnose.Setting(
+            command=run.command, path=run.env.get("PATH", os.environ.get("PATH", "")),
+            root=self.repo.root, workdir=Path(row.run_dir) / "work" if row.run_dir else None,
+            metric=objective.metric, pattern=objective.pattern, timeout=run.timeout_seconds,
+            ignored=lambda path: bool(self.repo.git("check-ignore", "--", path, check=False)),
+            in_commit=lambda path: bool(self.repo.tracked(commit, [path])))
+        return diagnose.explain(cause, where)
 
 
 @dataclass
@@ -1141,6 +1189,8 @@ def atomic_write(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())  # renamed whole: never an empty file after a power cut
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -80,6 +80,8 @@ class Workspace:
         if not parent.is_dir():
             raise ConfigError(f"{where}: the directory {path.parent} does not exist: create it "
                               "or write the file elsewhere")
+        if path.is_dir() and not path.is_symlink():
+            raise ConfigError(f"{where} is a directory: name a file (e.g. \"{name}/results.tsv\")")
         return path
 
     def preflight(self) -> None:
