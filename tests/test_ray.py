@@ -144,7 +144,6 @@ def test_each_class_has_its_own_baseline_and_measures_a_new_incumbent(make_repo,
     keeps = [r for r in rs if r["status"] == "keep" and not r["is_baseline"]]
     assert keeps, [(r["status"], r["description"]) for r in rs]
     ends = sorted(k["finished_at"] for k in keeps)
-    checked = 0
     for k in keeps:
         there = {"fast": "big", "big": "fast"}[k["hw_class"]]
         measured = [r for r in rs if r["repeat_of"] == k["id"] and r["hw_class"] == there]
@@ -156,8 +155,8 @@ def test_each_class_has_its_own_baseline_and_measures_a_new_incumbent(make_repo,
                     and r["started_at"] < until]
         for c in children:
             assert measured and measured[0]["finished_at"] <= c["started_at"], (k, c)
-        checked += len(children)
-    assert checked  # some candidate did run on the other class after a keep
+        if k is not keeps[-1]:  # a later keep: the loop went on, so k was measured there
+            assert measured, k
 
 
 def test_screen_then_confirm_tiers(make_repo, cli, cluster: Cluster):
