@@ -264,7 +264,8 @@ def test_prompt_carries_program_files_history_in_flight_and_notes(openai_api: Fa
     assert "300 s" in user and "NVIDIA H100 80GB HBM3" in user
     assert TRAIN in user  # the file in full
     assert "Protected in train.py: lines 8-10" in user
-    assert "## Read-only files" in user and "### prepare.py (protected; not shown)" in user
+    assert "## Read-only files" in user
+    assert "### prepare.py (protected; not a file at this commit: not shown)" in user
     assert "Baseline: #0, val_loss = 1.2" in user
     assert "Incumbent (the best so far; your change applies to it): #500, val_loss = 1.1" in user
     assert "#501 crash" in user and "RuntimeError: loss is NaN" in user  # the log tail

@@ -30,6 +30,7 @@ from overnight.ledger import Ledger, Row, export_tsv
 from overnight.metrics import tail
 from overnight.proposers.base import Context, Proposal, Proposer, fingerprint
 from overnight.proposers.edits import knob_values
+from overnight.proposers.prompt import readonly_texts
 from overnight.sandbox import redact, venv_paths
 from overnight.snapshot import Repo, branch_ref, candidate_ref
 from overnight.spec import Spec
@@ -461,21 +462,11 @@ class Loop:
         files = self.spec.files
         if self.spec.proposer.kind == "search":
             return {}
-        if commit in self._readonly_cache:
-            return self._readonly_cache[commit]
-        paths = list(dict.fromkeys([*files.protected, *files.context]))
-        out: dict[str, str | None] = {}
-        tree = self._tree(commit)
-        for path in sorted(self.repo.tracked(commit, paths)):
-            data = tree.read(path)
-            if data is None:
-                continue
-            try:
-                out[path] = data.decode("utf-8") if b"\0" not in data else None
-            except UnicodeDecodeError:
-                out[path] = None
-        self._readonly_cache[commit] = out
-        return out
+        if commit not in self._readonly_cache:
+            # One entry: they are the same files at every candidate, and may be large.
+            self._readonly_cache = {commit: readonly_texts(self._tree(commit),
+                                                           [*files.protected, *files.context])}
+        return self._readonly_cache[commit]
 
     def _program(self) -> str:
         """program.md as the user has it now: editing it steers the next proposals."""

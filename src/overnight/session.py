@@ -16,8 +16,10 @@ from overnight.errors import ConfigError
 from overnight.executors import cgroups
 from overnight.executors.local import LocalExecutor, resolve_slots
 from overnight.proposers import make_proposer
+from overnight.proposers.prompt import program_conflicts
 from overnight.report import ConsoleReporter
 from overnight.scheduler import Loop, Outcome
+from overnight.spec import Spec
 from overnight.workspace import Workspace, check_tag, default_tag
 
 USER_RUNS = "/var/tmp"  # sandbox "user": run directories outside the repository
@@ -121,24 +123,23 @@ def _executor(spec, run, parallel: int | None, console: Console):  # noqa: ANN00
     return executor, f"{slots} GPU slot(s)" if gpus else f"{slots} CPU slot(s)"
 
 
-def _program_loops(ws: Workspace, spec) -> str | None:  # noqa: ANN001
+def _program_loops(ws: Workspace, spec: Spec) -> str | None:
     """Say so when program.md was written for an agent that runs its own loop."""
-    from overnight.proposers.prompt import program_conflicts
-
     if spec.proposer.kind == "search":
         return None
     try:
         text = (ws.repo.root / spec.proposer.program).read_text(errors="replace")
     except OSError:
         return None
-    if not program_conflicts(text):
+    kinds = program_conflicts(text, kinds=True)
+    if not kinds:
         return None
-    return (f"{spec.proposer.program} tells an agent to run its own loop (git, runs, results, "
-            "looping): the model is told that overnight owns those and that its contract wins; "
-            "the rest is its research guidance")
+    return (f"{spec.proposer.program} tells an agent to run its own loop ({', '.join(kinds)}): "
+            "the model is told that overnight owns those and that its contract wins; the rest "
+            "is its research guidance")
 
 
-def _check_classes(spec, present: set[str]) -> None:  # noqa: ANN001
+def _check_classes(spec: Spec, present: set[str]) -> None:
     """The classes the spec names must have slots in the cluster."""
     hw = spec.hardware
     for role, name in (("reference", hw.reference), ("screen", hw.screen),
@@ -149,7 +150,7 @@ def _check_classes(spec, present: set[str]) -> None:  # noqa: ANN001
                               "add such nodes or fix the name")
 
 
-def _budget_unread(ws: Workspace, spec) -> str | None:  # noqa: ANN001
+def _budget_unread(ws: Workspace, spec: Spec) -> str | None:
     """Say so when nothing the run executes reads OVERNIGHT_BUDGET_SECONDS: the budget the
     header shows is then not what limits a run (its iterations, or a protected constant)."""
     from overnight.survey import BUDGET_ENV

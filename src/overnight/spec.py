@@ -142,6 +142,16 @@ class Files(_Section):
     # files are shown to it read-only too.
     context: list[str] = Field(default_factory=list)
 
+    @field_validator("editable", "protected", "context")
+    @classmethod
+    def _inside(cls, v: list[str]) -> list[str]:
+        for path in v:
+            parts = path.replace("\\", "/").split("/")
+            if not path.strip() or path.startswith("/") or ".." in parts:
+                raise ValueError(f"must name files by their path inside the repository, "
+                                 f"relative to its root: {path!r} is not one")
+        return v
+
     @model_validator(mode="after")
     def _disjoint(self) -> Files:
         both = sorted(set(self.editable) & set(self.protected))

@@ -84,6 +84,21 @@ class Workspace:
             raise ConfigError(f"{where} is a directory: name a file (e.g. \"{name}/results.tsv\")")
         return path
 
+    def _check_context(self) -> None:
+        """[files] context names committed files (a model is shown what it would run)."""
+        context = self.spec.files.context
+        found = self.repo.tracked("HEAD", context) if context else set()
+        for path in context:
+            if path in found:
+                continue
+            if any(f.startswith(path.rstrip("/") + "/") for f in found):
+                raise ConfigError(
+                    f"[files] context names {path}, a directory: name the files in it that a "
+                    "model should read, one by one")
+            raise ConfigError(
+                f"[files] context names {path}, which is not committed at HEAD: the model is "
+                "shown committed files only; fix the path or commit the file")
+
     def preflight(self) -> None:
         """Refuse to run on files that differ from what is committed."""
         self.repo.head()
@@ -100,12 +115,7 @@ class Workspace:
                 f"[files] editable names {', '.join(missing)}, which is not committed at HEAD: "
                 "fix the path in overnight.toml or commit the file"
             )
-        context = self.spec.files.context
-        unseen = sorted(set(context) - self.repo.tracked("HEAD", context)) if context else []
-        if unseen:
-            raise ConfigError(
-                f"[files] context names {', '.join(unseen)}, which is not committed at HEAD: "
-                "the model is shown committed files only; fix the path or commit the file")
+        self._check_context()
         sandbox.resolve(self.spec.run.sandbox)  # exit 2 now, not in every run
         self.data()  # exit 2 now: a dataset that is missing or is not one
         tsv = self.results_tsv()

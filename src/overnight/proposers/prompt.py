@@ -8,13 +8,14 @@ The prompt has to fit the model's context window. The editable files and program
 never cut (a model cannot edit what it cannot see); the history is: the oldest experiments go
 first, then the log tails of failed runs get shorter, then the rest of the history goes, down
 to the baseline and the incumbent. Read-only files (protected, `[files] context`) come after
-the editable ones and are cut last, the largest first, with a marker saying how much is left
-out.
+the editable ones and are cut last: the largest are cut to a common length, as long as fits,
+each with a marker saying how much is left out. A coding agent is only told their names: it
+reads them in its checkout.
 
 A program.md written for a stand-alone agent (make a branch, commit, run the script, log
 results.tsv, loop forever) contradicts the harness, which owns all of that: the harness's
-contract comes first (the system prompt, then a note before the program naming what is void),
-and wins.
+contract comes first (the system prompt or the agent's rules say it wins over program.md and
+name what is void, then a note before the program names what this one asks for), and wins.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from overnight.proposers.base import Context, Experiment
 from overnight.regions import RegionError, regions
 from overnight.status import ACTIVE, Status
 from overnight.status import FAILED as STATUS_FAILED
+from overnight.tree import SYMLINK, Tree
 
 CHARS_PER_TOKEN = 3.5  # a rough average for English and code across common tokenizers
 BEST_FEW = 5  # best experiments shown in detail
@@ -37,7 +39,6 @@ MIN_RECENT = 3  # kept while log tails are shortened; dropped only as a last res
 TAIL_FULL = 3000  # characters of a failed run's log tail, before trimming
 TAIL_SHORT = 600
 AGENT_PROMPT_CHARS = 100_000  # Linux caps one argv string at 128 KiB
-READONLY_CAPS = (None, 20_000, 8_000, 2_000, 0)  # characters per read-only file, as needed
 IN_FLIGHT = ACTIVE
 FAILED = STATUS_FAILED | {Status.TAMPERED, Status.LOST}
 WITH_LOG = STATUS_FAILED
@@ -94,6 +95,7 @@ def build_messages(ctx: Context, limits: Limits, reserve_tokens: int = 0) -> tup
 def system_prompt(ctx: Context) -> str:
     example = next(iter(sorted(ctx.files)), "train.py")
     metric = ctx.metric or "the metric"
+    program = f"\n{PROGRAM_RULE}" if ctx.program.strip() else ""
     return f"""\
 You are the research proposer of overnight, a harness that runs an autonomous research loop.
 Each time you are asked, you propose ONE experiment: a change to the editable files. The
@@ -111,7 +113,7 @@ Rules:
 - The code must still run within the budget and print {metric} as before: a crash wastes a run.
 - Statuses: keep = better, kept; discard = ran, not better; crash = failed or printed no
   metric; timeout = ran past the hard limit; rejected = never ran (the edit was invalid);
-  tampered = changed what it was not allowed to; lost = the worker vanished.
+  tampered = changed what it was not allowed to; lost = the worker vanished.{program}
 
 Answer in exactly this format:
 
@@ -145,6 +147,13 @@ def _llm_task(ctx: Context) -> str:
     )
 
 
+# The harness's contract over a user's program.md, stated with the rules (before the program).
+PROGRAM_RULE = """\
+- program.md (the research instructions that follow) is the user's guidance on what to try
+  and what to respect. These rules win over it: its instructions to use git (branches,
+  commits, resets), to run the script, to write results or logs (results.tsv, run.log), or
+  to loop and never stop are void here, because the harness does all of that."""
+
 _CONFLICTS = (  # (what it finds, its kind in a word, what the model is told)
     (re.compile(r"\bgit\s+(checkout|commit|reset|branch|switch|push|merge|rebase|stash)\b",
                 re.I), "git", "git commands are void (the harness commits each proposal and "
@@ -170,6 +179,22 @@ def program_conflicts(text: str, kinds: bool = False) -> list[str]:
             if pattern.search(text)]
 
 
+def readonly_texts(tree: Tree, paths: list[str]) -> dict[str, str | None]:
+    """The text of each path that is a file of `tree` (a committed symlink followed while it
+    stays inside the tree), None for one that is not UTF-8 text; a path that is no file
+    there (missing, a directory, a link out of the tree) is left out."""
+    out: dict[str, str | None] = {}
+    for path in dict.fromkeys(paths):
+        f = tree.resolve(path)
+        if f is None or f.mode == SYMLINK:
+            continue
+        try:
+            out[path] = f.data.decode("utf-8") if b"\0" not in f.data else None
+        except UnicodeDecodeError:
+            out[path] = None
+    return out
+
+
 def feedback(error: str) -> str:
     """The follow-up message after an unusable answer."""
     return (
@@ -188,6 +213,7 @@ def task_prompt(ctx: Context, max_chars: int = AGENT_PROMPT_CHARS) -> str:
     place, print `Hypothesis:` and `Description:` at the end. The files are included in full
     when they fit in `max_chars`; otherwise the agent reads them where it stands."""
     editable = ", ".join(sorted(ctx.files))
+    program = f"\n{PROGRAM_RULE}" if ctx.program.strip() else ""
     head = f"""\
 You are the research proposer of overnight, a harness that runs an autonomous research loop.
 Your current directory holds the project at the incumbent (the best version so far). Make ONE
@@ -203,7 +229,7 @@ Rules:
 - One idea per experiment, different from everything already tried and from what is queued
   or running (listed below).
 - Do not run the experiment itself: the harness runs and measures it. A quick syntax check
-  is fine. Do not commit.
+  is fine. Do not commit.{program}
 - When you are done, print these two lines at the very end of your output:
   Hypothesis: <one sentence: what you changed and why you expect the metric to improve>
   Description: <a short summary of the change, under 80 characters>
@@ -214,11 +240,12 @@ Rules:
         "`Hypothesis:` and `Description:` lines."
     )
     for in_full in (True, False):
-        builder = _Builder(ctx, task=task, files_in_full=in_full)
+        builder = _Builder(ctx, task=task, files_in_full=in_full, readonly_in_full=False)
         body = builder.fit(max_chars - len(head) - 2)
         if body is not None:
             return head + "\n" + body
-    return head + "\n" + _Builder(ctx, task=task, files_in_full=False).render(10**9, 0)
+    builder = _Builder(ctx, task=task, files_in_full=False, readonly_in_full=False)
+    return head + "\n" + builder.render(10**9, 0)
 
 
 # --- the user message -----------------------------------------------------------------------
@@ -227,10 +254,12 @@ Rules:
 class _Builder:
     """Renders the user message with some of the history left out (oldest first)."""
 
-    def __init__(self, ctx: Context, task: str, files_in_full: bool = True) -> None:
+    def __init__(self, ctx: Context, task: str, files_in_full: bool = True,
+                 readonly_in_full: bool = True) -> None:
         self.ctx = ctx
         self.task = task
         self.files_in_full = files_in_full
+        self.readonly_in_full = readonly_in_full  # else named only (an agent reads them)
         self.readonly_cap: int | None = None  # characters shown of each read-only file
         running = {e.id for e in ctx.in_flight}
         self.past = [e for e in ctx.history if e.status not in IN_FLIGHT and e.id not in running]
@@ -256,16 +285,27 @@ class _Builder:
 
     def fit(self, max_chars: int) -> str | None:
         """The fullest message within max_chars, or None if nothing fits: the history is
-        cut first, then the read-only files."""
-        for cap in READONLY_CAPS:
-            self.readonly_cap = cap
-            found = self._fit_history(max_chars)
-            if found is not None:
-                return found
-            if not self.ctx.readonly:
-                break
+        cut first, then the read-only files, the largest first: each is cut to the longest
+        common length that fits (with the history then filling what room is left)."""
         self.readonly_cap = None
-        return None
+        found = self._fit_history(max_chars)
+        longest = max((len(t) for t in self.ctx.readonly.values() if t), default=0)
+        if found is not None or not longest or not self.readonly_in_full:
+            return found
+        lo, hi = 0, longest - 1  # the largest cap that fits, if any
+        self.readonly_cap = 0
+        if self._fit_history(max_chars) is None:
+            self.readonly_cap = None
+            return None
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            self.readonly_cap = mid
+            if self._fit_history(max_chars) is not None:
+                lo = mid
+            else:
+                hi = mid - 1
+        self.readonly_cap = lo
+        return self._fit_history(max_chars)
 
     def _fit_history(self, max_chars: int) -> str | None:
         stages = [(TAIL_FULL, 0, self.soft), (TAIL_SHORT, self.soft, self.soft),
@@ -351,26 +391,33 @@ class _Builder:
         names = sorted(set(ctx.protected) | set(ctx.readonly))
         if not names:
             return ""
-        parts = ["## Read-only files (for reference: never edit these; protected ones are "
-                 "checked)"]
+        if not self.readonly_in_full:
+            return self._readonly_names(names)
+        parts = ["## Read-only files (for reference: never edit these; an answer that "
+                 "changes a protected one is rejected)"]
         for path in names:
             text = ctx.readonly.get(path)
             kind = "protected" if path in ctx.protected else "context"
             if text is None:
-                why = "not text" if path in ctx.readonly else "not shown"
-                parts.append(f"### {path} ({kind}; {why})")
+                why = "not UTF-8 text" if path in ctx.readonly else "not a file at this commit"
+                parts.append(f"### {path} ({kind}; {why}: not shown)")
                 continue
             parts.append(f"### {path} ({kind}, read-only)")
-            if not self.files_in_full:
-                parts.append(f"(read {path} in your current directory; do not edit it)")
-                continue
-            cap = self.readonly_cap
-            if cap is not None and len(text) > cap:
-                left = len(text) - cap
-                text = text[:cap] + (f"\n[... {left} more characters of {path} left out to fit "
-                                     "the context window ...]\n")
-            parts.append(_fenced(path, text))
+            parts.append(_cut(path, text, self.readonly_cap))
         return "\n\n".join(parts)
+
+    def _readonly_names(self, names: list[str]) -> str:
+        """For an agent: the files are in its checkout, so their names are enough (those not
+        at this commit are left out: there is nothing to read)."""
+        ctx = self.ctx
+        items = [f"- {path} ({'protected' if path in ctx.protected else 'context'})"
+                 + (" (not UTF-8 text)" if ctx.readonly[path] is None else "")
+                 for path in names if path in ctx.readonly]
+        if not items:
+            return ""
+        return "\n".join(["## Read-only files", "",
+                          "In your current directory, for reference: read them as you need, "
+                          "never edit them (changes to them are discarded).", *items])
 
     def _in_flight(self) -> str:
         siblings = ""
@@ -512,6 +559,20 @@ def _fenced(path: str, text: str) -> str:
     lang = "python" if path.endswith(".py") else ""
     body = text if text.endswith("\n") or not text else text + "\n"
     return f"{fence}{lang}\n{body}{fence}"
+
+
+def _cut(path: str, text: str, cap: int | None) -> str:
+    """The file fenced, cut after at most `cap` characters (at a line end where one is near),
+    with a marker saying how much is left out."""
+    if cap is None or len(text) <= cap:
+        return _fenced(path, text)
+    if cap == 0:
+        return f"[all {len(text)} characters of {path} left out to fit the context window]"
+    end = text.rfind("\n", 0, cap) + 1
+    shown = text[:end] if end > cap // 2 else text[:cap]
+    left = len(text) - len(shown)
+    return (_fenced(path, shown) + f"\n[... {left} more characters of {path} left out to "
+            "fit the context window ...]")
 
 
 def _runtime_differences(e: Experiment) -> str:
