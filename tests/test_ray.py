@@ -180,3 +180,26 @@ def test_screen_then_confirm_tiers(make_repo, cli, cluster: Cluster):
                     + 'screen = "fast"\nconfirm = "big"\nreference = "fast"\n')
     refused = cli("run", "-t", "s", "-n", "2", cwd=bad)
     assert refused.returncode == 2 and "the reference is the confirm class" in refused.stderr
+
+
+def test_kill_9_of_the_harness_kills_its_ray_tasks_and_resume_redoes_them(
+        make_repo, cli, cluster: Cluster, background: Background) -> None:
+    """The harness dies without a word: Ray owns its tasks and ends them with it (the box
+    dies with its worker); the next run marks the run lost and redoes it once."""
+    repo = make_repo({"train.py": train_py(0.001, HANG)}, _ray_spec(
+        cluster.address, strategy="grid", grace=1, extra_run=UNBOXED + "\n"))
+    proc = background(repo, "-n", "3", TEST_HANG="candidates")
+    hung, pids = wait_for_hanging_candidate(repo, background)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    for pid in pids:  # the experiment on the worker goes with the harness's task
+        wait_until(lambda pid=pid: not alive(pid), 60, f"experiment process {pid} to be gone")
+
+    out = cli("run", "-t", TAG, "-n", "3", cwd=repo, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rs = rows(repo, TAG)
+    lost = next(r for r in rs if r["id"] == hung["id"])
+    assert lost["status"] == "lost"
+    redo = [r for r in rs if r["retry_of"] == hung["id"]]
+    assert len(redo) == 1 and redo[0]["status"] in ("keep", "discard")
+    assert len([r for r in rs if r["status"] in ("keep", "discard")]) == 3
