@@ -203,3 +203,25 @@ def test_kill_9_of_the_harness_kills_its_ray_tasks_and_resume_redoes_them(
     redo = [r for r in rs if r["retry_of"] == hung["id"]]
     assert len(redo) == 1 and redo[0]["status"] in ("keep", "discard")
     assert len([r for r in rs if r["status"] in ("keep", "discard")]) == 3
+
+
+def test_slots_follow_a_cluster_that_grows(make_repo, cli_env) -> None:
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    c.wait_for_nodes()
+    try:
+        slow = train_py(0.001, extra="time.sleep(float(os.environ.get('SLOW', '0')))")
+        repo = make_repo({"train.py": slow}, _ray_spec(
+            c.address, strategy="perturb", budget=30, timeout=60,
+            extra_run='env = { SLOW = "1.5" }\n'))
+        proc = subprocess.Popen([*CLI, "run", "-t", "g", "-n", "12"], cwd=repo, env=cli_env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wait_until(lambda: any(r["status"] == "running" for r in rows(repo, "g")),
+                   timeout=60, what="the first run")
+        c.add_node(num_cpus=2)
+        out, _ = proc.communicate(timeout=240)
+        assert proc.returncode == 0, out
+        assert "on 1 Ray slot(s)" in out and "the cluster grew: 2 more slot(s)" in out
+        slots = {r["slot"] for r in rows(repo, "g") if r["started_at"]}
+        assert slots == {0, 1, 2}, slots
+    finally:
+        c.shutdown()

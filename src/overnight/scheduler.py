@@ -38,6 +38,7 @@ from overnight.status import MEASURED, NOT_COUNTED, Status
 from overnight.tree import Tree
 
 MAX_LOST_RETRIES = 2  # a candidate whose run is lost is redone at most this many times
+GROW_EVERY_SECONDS = 5.0  # how often the executor is asked whether it has more slots
 # (then given up and reported); the baseline is redone until it runs: nothing goes without it
 MAX_REJECTED_IN_A_ROW = 20  # a proposer that only produces rejects is stopped
 
@@ -113,6 +114,7 @@ class Loop:
         self._waiting: set[int] = set()  # confirm candidates waiting for the noise figure
         self._stopping = False  # interrupted: lost runs are left for the next resume
         self._class_waiting: set[int] = set()  # confirm candidates waiting for the incumbent
+        self._grown_at = time.monotonic()  # when the executor was last asked for more slots
 
     # -- the main path -----------------------------------------------------------
 
@@ -139,6 +141,7 @@ class Loop:
 
     def _loop(self) -> str:
         while True:
+            self._grow()
             self._drain()
             self._collect_proposals()
             self._fill_slots()
@@ -149,7 +152,7 @@ class Loop:
                     continue
                 break
             wait([*self._pending, *self._proposing, *self._prechecking],
-                 return_when=FIRST_COMPLETED)
+                 timeout=GROW_EVERY_SECONDS, return_when=FIRST_COMPLETED)
         self._drop_unrun()
         if self._reached_max():
             return f"reached {self.max} runs"
@@ -535,6 +538,29 @@ class Loop:
                                  p.edits, self._history.first_with)
 
     # -- one candidate's life: launched, run, judged, confirmed, decided, recorded ----------
+
+    def _grow(self) -> None:
+        """Slots the executor gained (a Ray cluster that grew) join the pool; a new class
+        first measures the baseline, or the incumbent, before it judges anything."""
+        now = time.monotonic()
+        if now - self._grown_at < GROW_EVERY_SECONDS:
+            return
+        self._grown_at = now
+        new = self.executor.grow()
+        if not new:
+            return
+        for cls in new:
+            self._free_slots.append(len(self._slot_class))
+            self._slot_class.append(cls)
+        added = [c for c in dict.fromkeys(new) if c not in self._classes]
+        self._classes += added
+        self.report.note(f"the cluster grew: {len(new)} more slot(s)"
+                         + (f", new class(es) {', '.join(added)}" if added else ""))
+        base, inc = self._baseline(), self._incumbent()
+        if added and base is not None and base.status == Status.KEEP:
+            self._top_up_baseline(base)
+        if added and inc is not None and not inc.is_baseline:
+            self._measure_everywhere(inc)
 
     def _launch_redo(self) -> bool:
         """Launch the first redone or queued run a free slot of its class can take."""

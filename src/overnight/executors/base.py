@@ -106,6 +106,10 @@ class Executor(ABC):
         ("") unless the executor spans kinds of hardware."""
         return [""] * self.slots
 
+    def grow(self) -> list[str]:
+        """The classes of slots gained since the last call (a cluster that grew): []."""
+        return []
+
     def precheck(self, request: RunRequest, command: str, timeout: float
                  ) -> Future[CheckResult]:
         """The precheck command on a fresh copy of the candidate's tree, on this machine,

@@ -71,6 +71,7 @@ class RayExecutor(Executor):
                                   "set the address of its head") from None
         self.cfg = cfg
         self.grace = grace
+        self.cfg_named = bool(hw and hw.classes)
         self.classes = _classes(ray, hw.classes if hw else {})  # name -> resource ("": none)
         per_class = self._slots_per_class(ray)
         self._slot_classes = [c for c, n in per_class.items() for _ in range(n)]
@@ -85,17 +86,16 @@ class RayExecutor(Executor):
         self._run: dict[str, Any] = {}
         self._check: dict[str, Any] = {}
         self._warm = []
-        for name, key in self.classes.items():
+        for name, key in list(self.classes.items()):
             # A class's runs ask for a sliver of its resource, so Ray places them only on
             # its nodes: each class is measured against itself.
-            options = _options({**cfg.slot_resources, **({key: 0.001} if key else {})})
-            self._run[name] = ray.remote(_run_remote).options(max_retries=0, **options)
-            self._check[name] = ray.remote(_check_remote).options(max_retries=0, **options)
+            self._add_class(ray, name, key)
             # Ray starts a worker process per concurrent task the first time (seconds each
             # on a busy node): start them now, while the baseline runs.
+            options = _options({**cfg.slot_resources, **({key: 0.001} if key else {})})
             warm = ray.remote(_warm).options(max_retries=0, **options)
             self._warm += [warm.remote() for _ in range(per_class.get(name, 0))]
-        self._pool = ThreadPoolExecutor(max_workers=max(4, 2 * self.slots),
+        self._pool = ThreadPoolExecutor(max_workers=256,  # one per run; the cluster may grow
                                         thread_name_prefix="overnight-ray")
         self._live: dict[int, Any] = {}  # experiment id -> its task (an ObjectRefGenerator)
         self._lock = threading.Lock()
@@ -104,6 +104,31 @@ class RayExecutor(Executor):
     @property
     def slot_classes(self) -> list[str]:
         return list(self._slot_classes)
+
+    def grow(self) -> list[str]:
+        """Slots on nodes that joined since the start (or the last call), unless
+        [ray] max_slots fixes the number. A node that leaves takes its runs with it (they are
+        lost and run again); its slots stay, their tasks waiting in Ray for room."""
+        if self.cfg.max_slots is not None:
+            return []
+        ray = _ray()
+        if not self.cfg_named:
+            for name, key in _classes(ray, {}).items():
+                if name not in self.classes and key:
+                    self._add_class(ray, name, key)
+        have = {c: self._slot_classes.count(c) for c in self.classes}
+        new: list[str] = []
+        for name, n in self._slots_per_class(ray).items():
+            new += [name] * max(0, n - have.get(name, 0))
+        self._slot_classes += new
+        self.slots = len(self._slot_classes)
+        return new
+
+    def _add_class(self, ray: Any, name: str, key: str) -> None:
+        self.classes[name] = key
+        options = _options({**self.cfg.slot_resources, **({key: 0.001} if key else {})})
+        self._run[name] = ray.remote(_run_remote).options(max_retries=0, **options)
+        self._check[name] = ray.remote(_check_remote).options(max_retries=0, **options)
 
     def capacity(self) -> int:
         """How many slots the cluster holds now."""
