@@ -315,3 +315,14 @@ def test_a_noisy_run_reads_through_the_cli(noisy, cli):
              for r in decided]  # a keep by its commit on the branch
     assert [line.split("\t")[0] for line in lines] == named
     assert lines[0].split("\t")[1] == f"{base['estimate']:.6f}"
+
+
+def test_a_complete_grid_wave_reports_its_main_effects(make_repo, cli) -> None:
+    repo = make_repo({"train.py": train_py(0.001)}, spec_toml("grid"))
+    out = cli("run", "-t", "w", "-n", "3", cwd=repo)
+    assert out.returncode == 0, out.stderr
+    line = ("wave #1 (2 of 2 measured), main effects on val_loss: LEARNING_RATE: "
+            "0.0005 -> 1.35, 0.002 -> 1.2 (best 0.002)")
+    assert line in out.stdout  # said as the wave completes...
+    shown = cli("hypotheses", "-t", "w", cwd=repo)
+    assert line in shown.stdout  # ...and kept in the hypothesis log

@@ -275,12 +275,16 @@ def _write_output(output: Path, text: str) -> None:
 
 @command
 def hypotheses(tag: TagOpt = None, repo: RepoOpt = Path(".")) -> None:
-    """The hypothesis log: every proposal's hypothesis, its outcome and the measured delta."""
-    from overnight.report import hypotheses_view
+    """The hypothesis log: every proposal's hypothesis, its outcome and the measured delta;
+    for the grid strategy, each complete wave's main effects."""
+    from overnight.report import hypotheses_view, wave_effects
     from overnight.workspace import Workspace
 
     ws = Workspace.open(repo)
-    console.print(hypotheses_view(ws.tag_rows(tag), ws.spec.objective))
+    rows = ws.tag_rows(tag)
+    console.print(hypotheses_view(rows, ws.spec.objective))
+    for line in wave_effects(rows, ws.spec.objective):
+        console.print(escape(line), highlight=False)
 
 
 @command

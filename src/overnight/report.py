@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -298,6 +299,44 @@ def hypotheses_view(rows: list[Row], objective: Objective) -> Table:
         table.add_row(f"#{r.id}", Text(r.status, style=STATUS_STYLE.get(r.status, "")), delta,
                       Text(printable(r.hypothesis) or "-"), Text(printable(r.description)))
     return table
+
+
+_WAVE = re.compile(r"^grid wave #(\d+): vary (.+) around the incumbent$")
+
+
+def wave_effects(rows: list[Row], objective: Objective, only: int | None = None) -> list[str]:
+    """The main effects of each complete grid wave: for each knob it varied, the mean of the
+    objective at each of its levels (over the other knob's levels), and the best level."""
+    waves: dict[int, tuple[list[str], list[Row]]] = {}
+    for r in rows:
+        m = _WAVE.match(r.hypothesis or "")
+        if m and r.repeat_of is None and not r.is_baseline:
+            waves.setdefault(int(m[1]), (m[2].split(" and "), []))[1].append(r)
+    out = []
+    for n, (knobs, members) in sorted(waves.items()):
+        if only is not None and n != only:
+            continue
+        if any(r.status in ACTIVE or r.status == Status.CONFIRM for r in members):
+            continue  # not complete yet
+        measured = [r for r in members if r.value is not None]
+        parts = []
+        for k in knobs:
+            levels: dict[float, list[float]] = {}
+            for r in measured:
+                v = r.knobs.get(k)
+                if isinstance(v, (int, float)):
+                    levels.setdefault(v, []).append(r.value)  # type: ignore[arg-type]
+            if len(levels) < 2:
+                continue
+            means = {v: sum(xs) / len(xs) for v, xs in levels.items()}
+            pick = min if objective.direction == "lower" else max
+            best = pick(means, key=lambda v: means[v])
+            shown = ", ".join(f"{v:g} -> {m:.6g}" for v, m in sorted(means.items()))
+            parts.append(f"{k}: {shown} (best {best:g})")
+        effects = "; ".join(parts) or "too few runs measured to say"
+        out.append(f"wave #{n} ({len(measured)} of {len(members)} measured), main effects on "
+                   f"{objective.metric}: {effects}")
+    return out
 
 
 def _measured(row: Row, objective: Objective, repeats: list[Row],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import math
 import os
+import re
 import shutil
 import threading
 import time
@@ -19,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
-from overnight import admission, data, diagnose, judge, pins
+from overnight import admission, data, diagnose, judge, pins, report
 from overnight.data import Data
 from overnight.errors import ConfigError, IntegrityHalt, OvernightError
 from overnight.executors.base import CheckResult, Executor, RunRequest, RunResult
@@ -880,6 +881,7 @@ class Loop:
             self._top_up_baseline(row)
         self._write_tsv()
         self.report.finished(row, self._incumbent(), self._counted())
+        self._wave_done(row)
         if row.status == Status.LOST and not self._stopping:
             self._rerun(row)
         return row
@@ -900,6 +902,19 @@ class Loop:
             self._tsv_failed = True
         else:
             self._tsv_failed = False
+
+    def _wave_done(self, row: Row) -> None:
+        """When the last member of a grid wave is decided, its main effects go into the
+        hypothesis log (an event) and the progress."""
+        m = re.match(r"^grid wave #(\d+):", row.hypothesis or "")
+        if not m or row.repeat_of is not None or row.status in (Status.CONFIRM, Status.LOST):
+            return
+        rows = sorted(self._rows.values(), key=lambda r: r.id)
+        effects = report.wave_effects(rows, self.spec.objective, only=int(m[1]))
+        if effects and not any(e["kind"] == "wave" and e["message"] == effects[0]
+                               for e in self.ledger.events(self.tag)):
+            self.ledger.event(self.tag, "wave", effects[0])
+            self.report.note(effects[0])
 
     def _rerun(self, row: Row) -> None:
         """A run lost while the loop goes on (its Ray worker or node died): run it again, a
@@ -931,6 +946,7 @@ class Loop:
         self._waiting.discard(cand.id)
         row = self._settle(cand, decision, inc, finished_at=time.time())
         self._write_tsv()
+        self._wave_done(row)
         self.report.finished(row, self._incumbent(), self._counted())
 
     def _settle(self, row: Row, decision: Decision, inc: Row | None, **facts) -> Row:
