@@ -225,3 +225,17 @@ def test_slots_follow_a_cluster_that_grows(make_repo, cli_env) -> None:
         assert slots == {0, 1, 2}, slots
     finally:
         c.shutdown()
+
+
+def test_a_kept_runs_checkpoint_comes_back_to_the_head(make_repo, cli, cluster: Cluster):
+    saves = train_py(0.001, extra="open('ckpt.bin', 'wb').write(b'weights' * 1000)")
+    repo = make_repo({"train.py": saves}, _ray_spec(cluster.address, strategy="grid"))
+    out = cli("run", "-t", "k", "-n", "3", cwd=repo, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    kept = [r for r in rows(repo, "k") if r["status"] == "keep"]
+    assert kept
+    for r in kept:  # keep_workdirs = "kept": the work tree as it ran, outputs included
+        work = Path(r["run_dir"]) / "work"
+        assert (work / "ckpt.bin").read_bytes() == b"weights" * 1000
+        assert (work / "train.py").read_text().strip() == git(
+            repo, "show", f"{r['commit_sha']}:train.py")

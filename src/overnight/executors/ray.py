@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from overnight.spec import Hardware, RaySpec
 
 BRING_BACK_MAX_BYTES = 256 << 20  # artifacts a run sends back to the head, at most
+OUTPUTS_MAX_BYTES = 1 << 30  # files a run wrote in its work tree (checkpoints), at most
 CANCEL_GRACE_SECONDS = 10  # after a polite cancel, before the worker is killed
 
 
@@ -174,7 +175,8 @@ class RayExecutor(Executor):
                         result, bundle = payload
             if result is None:
                 raise RuntimeError("the task ended without a result")
-            _unpack(bundle, req.run_dir)
+            req.tree.write(req.workdir)  # the work tree as it ran: the commit, then its outputs
+            _unpack(bundle, req.run_dir, keep=set(req.tree.by_path))
             return result
         except Exception as e:  # noqa: BLE001 - every way a remote run can fail is `lost`
             return RunResult("lost", None, started, time.time(), reason=_why_lost(e, ray))
@@ -416,19 +418,53 @@ def _pack(local: RunRequest) -> bytes:
                     continue
                 budget -= size
                 tar.add(f, arcname=str(f.relative_to(local.run_dir)), recursive=False)
+        _pack_outputs(tar, local)
     return out.getvalue()
 
 
-def _unpack(bundle: bytes, run_dir: Path) -> None:
+def _pack_outputs(tar: tarfile.TarFile, local: RunRequest) -> None:
+    """The files the run wrote in its work tree (a checkpoint: "in the morning, a better
+    model"), smallest first within OUTPUTS_MAX_BYTES; what does not fit is listed in
+    `outputs-left-behind.txt`."""
+    committed = set(local.tree.by_path)
+    data = {rel for rel, _ in local.data}
+    found = []
+    for f in local.workdir.rglob("*"):
+        rel = f.relative_to(local.workdir).as_posix()
+        if rel in committed or "__pycache__" in rel.split("/") or f.is_symlink() \
+                or not f.is_file() or any(rel == d or rel.startswith(d + "/") for d in data):
+            continue
+        found.append((f.stat().st_size, rel, f))
+    budget, left = OUTPUTS_MAX_BYTES, []
+    for size, rel, f in sorted(found):
+        if size > budget:
+            left.append(f"{rel} ({size} bytes)")
+            continue
+        budget -= size
+        tar.add(f, arcname=f"work/{rel}", recursive=False)
+    if left:
+        note = ("Left on the worker (over the bring-back limit):\n" + "\n".join(left)).encode()
+        info = tarfile.TarInfo("outputs-left-behind.txt")
+        info.size = len(note)
+        tar.addfile(info, io.BytesIO(note))
+
+
+def _unpack(bundle: bytes, run_dir: Path, keep: set[str] = frozenset()) -> None:
     """Write what a worker sent back into the run's directory on the head: regular files
-    with plain relative names only (a tar can name anything)."""
+    with plain relative names only (a tar can name anything), never over a committed file
+    of the work tree (`keep`)."""
     with tarfile.open(fileobj=io.BytesIO(bundle), mode="r") as tar:
         for member in tar.getmembers():
             parts = member.name.split("/")
             if not member.isfile() or member.name.startswith("/") or ".." in parts:
                 continue
+            if parts[0] == "work" and "/".join(parts[1:]) in keep:
+                continue
             dest = run_dir.joinpath(*parts)
             dest.parent.mkdir(parents=True, exist_ok=True)
+            root = run_dir.resolve()
+            if root not in dest.parent.resolve().parents and dest.parent.resolve() != root:
+                continue  # a committed link on the way leads out: never written through
             data = tar.extractfile(member)
             if data is None:
                 continue
