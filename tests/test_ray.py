@@ -176,6 +176,10 @@ def test_screen_then_confirm_tiers(make_repo, cli, cluster: Cluster):
     for k in keeps:  # every keep was confirmed on the confirm class, never on a screen draw
         assert any(r["repeat_of"] == k["id"] and r["hw_class"] == "big"
                    and r["status"] == "repeat" for r in rs), k
+    status = cli("status", "-t", "s", cwd=repo).stdout
+    assert "classes     numbers compare only within a class; big is the reference" in status
+    assert "    big        baseline 1.300000 (3 runs)" in status
+    assert "    fast       baseline" in status
     bad = make_repo({"train.py": train_py(0.001)}, _ray_spec(cluster.address) + CLASSES
                     + 'screen = "fast"\nconfirm = "big"\nreference = "fast"\n')
     refused = cli("run", "-t", "s", "-n", "2", cwd=bad)

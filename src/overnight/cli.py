@@ -204,7 +204,9 @@ def _summary(ws, tag: str) -> None:  # noqa: ANN001
                           "`overnight doctor` says what this machine allows")
     ledger = ws.ledger()
     try:
-        console.print(status_view(ledger, tag, ws.spec.objective, ws.spec.judge))
+        hw = ws.spec.hardware
+        console.print(status_view(ledger, tag, ws.spec.objective, ws.spec.judge,
+                                  hw.confirm or hw.reference))
     finally:
         ledger.close()
 

@@ -182,7 +182,7 @@ def how_to_read(spec: JudgeSpec | None, keep: bool = True) -> str:
 
 
 def status_view(ledger: Ledger, tag: str, objective: Objective,
-                judge_spec: JudgeSpec | None = None) -> Group:
+                judge_spec: JudgeSpec | None = None, reference: str | None = None) -> Group:
     """`overnight status`: runs and candidates, baseline, best, noise, what is in flight."""
     rows = ledger.experiments(tag)
     failed_starts = [r for r in rows if r.failed_start]
@@ -228,6 +228,7 @@ def status_view(ledger: Ledger, tag: str, objective: Objective,
                           f"{_plural(len(keeps) - 1, 'kept improvement')})",
                           style="green"))
         lines.append(Text(f"  branch      overnight/{tag} at {(best.kept_commit or '')[:10]}"))
+    lines.extend(_class_lines(rows, objective, baseline, best, reference))
     lines.extend(_noise_lines(rows, objective, judge_spec))
     lines.extend(_spend_lines(rows, len(keeps)))
     given_up = [r for r in rows if r.status == "lost" and r.reason.startswith("given up")]
@@ -256,6 +257,33 @@ def status_view(ledger: Ledger, tag: str, objective: Objective,
         for r in queued:
             lines.append(Text(f"    #{r.id} {printable(r.description)}"))
     return Group(*lines)
+
+
+def _class_lines(rows: list[Row], objective: Objective, baseline: Row | None,
+                 best: Row | None, reference: str | None) -> list[Text]:
+    """With several hardware classes, the baseline and the best on each: numbers compare
+    only within a class; the reference class's are the ones to quote."""
+    classes = list(dict.fromkeys(r.hw_class for r in rows if r.hw_class and r.metric is not None))
+    if len(classes) < 2 or baseline is None:
+        return []
+
+    def on(row: Row, cls: str) -> str:
+        values = [r.metric for r in rows if r.metric is not None and r.hw_class == cls
+                  and (r.id == row.id or r.repeat_of == row.id)
+                  and r.status in (Status.KEEP, Status.DISCARD, Status.CONFIRM,
+                                   Status.REPEAT)]
+        if not values:
+            return "not measured yet"
+        return f"{sum(values) / len(values):.6f} ({_plural(len(values), 'run')})"
+
+    out = [Text("  classes     numbers compare only within a class"
+                + (f"; {reference} is the reference" if reference else ""))]
+    for cls in sorted(classes, key=lambda c: (c != reference, c)):
+        line = f"    {cls:<10} baseline {on(baseline, cls)}"
+        if best is not None and best.id != baseline.id:
+            line += f", best #{best.id} {on(best, cls)}"
+        out.append(Text(line, style="bold" if cls == reference else ""))
+    return out
 
 
 def _noise_lines(rows: list[Row], objective: Objective, spec: JudgeSpec | None) -> list[Text]:
