@@ -326,3 +326,11 @@ def test_a_complete_grid_wave_reports_its_main_effects(make_repo, cli) -> None:
     assert line in out.stdout  # said as the wave completes...
     shown = cli("hypotheses", "-t", "w", cwd=repo)
     assert line in shown.stdout  # ...and kept in the hypothesis log
+
+
+def test_progress_lines_stay_readable_past_experiment_1000() -> None:
+    from overnight.report import _label
+
+    assert _label(7) == "#7   " and _label(999) == "#999 "
+    assert _label(1977) == "#1977  " and _label(99999) == "#99999 "
+    assert len({len(_label(i)) for i in range(1000, 100000, 997)}) == 1  # aligned among them

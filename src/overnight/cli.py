@@ -181,16 +181,21 @@ def run(
 
     Ctrl-C kills running experiments and records them; running the same command
     again resumes the tag, redoing lost work and never counting anything twice.
+    The loop outlives its terminal (a dropped SSH session, `| head`): everything it
+    prints is also in .overnight/run.log.
     """
     from overnight.session import run_loop
-    from overnight.workspace import Workspace
+    from overnight.terminal import outliving
+    from overnight.workspace import STATE_DIR, Workspace
 
     ws = Workspace.open(repo)
-    outcome = run_loop(ws, console, tag, max_experiments, parallel, budget,
-                       accept_spec_change=accept_spec_change,
-                       executor_kind=executor.value if executor else None)
-    _summary(ws, outcome.tag)
-    console.print(f"stopped: {outcome.stopped_because}")
+    ws.repo.exclude(f"/{STATE_DIR}/")  # its log is there: never an untracked file
+    with outliving(console, err_console, ws.repo.root / STATE_DIR / "run.log"):
+        outcome = run_loop(ws, console, tag, max_experiments, parallel, budget,
+                           accept_spec_change=accept_spec_change,
+                           executor_kind=executor.value if executor else None)
+        _summary(ws, outcome.tag)
+        console.print(f"stopped: {outcome.stopped_because}")
     if outcome.interrupted:
         raise typer.Exit(130)
 

@@ -30,6 +30,12 @@ def fmt_metric(v: float | None) -> str:
     return "-" if v is None else f"{v:.6f}"
 
 
+def _label(experiment_id: int) -> str:
+    """`#12  `: the id in a column that stays aligned (one width up to #999, one past it)."""
+    label = f"#{experiment_id}"
+    return label.ljust(5) if experiment_id < 1000 else label.ljust(7)
+
+
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
@@ -64,7 +70,7 @@ def result_line(objective: Objective, row: Row, best: Row | None, baseline: Row 
                 done: int, total: int | None) -> Text:
     """One progress line: a decided candidate, a confirm (it runs again) or a repeat run."""
     t = Text()
-    t.append(f"#{row.id:<4}", style="bold")
+    t.append(_label(row.id), style="bold")
     t.append(f"{row.status:<9}", style=STATUS_STYLE.get(row.status, ""))
     if row.repeat_of is not None:
         t.append(f"repeat of #{row.repeat_of}: ")
@@ -148,7 +154,7 @@ class ConsoleReporter:
     def started(self, row: Row) -> None:
         self.running[row.id] = row.__class__(**{**row.__dict__, "started_at": time.time()})
         if not self.live:
-            self.console.print(Text(f"#{row.id:<4}started  slot {row.slot}: "
+            self.console.print(Text(f"{_label(row.id)}started  slot {row.slot}: "
                                     f"{printable(row.description)}", style="dim"))
 
     def finished(self, row: Row, best: Row | None, done: int) -> None:
