@@ -19,8 +19,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
-from overnight import admission, data, diagnose, judge, pins
-from overnight.data import Data
+from overnight import admission, diagnose, judge, pins
+from overnight.data import Data, Watch
 from overnight.errors import ConfigError, IntegrityHalt, OvernightError
 from overnight.executors.base import CheckResult, Executor, RunRequest, RunResult
 from overnight.history import History, experiment
@@ -82,8 +82,7 @@ class Loop:
         self.report = reporter or SilentReporter()
         self.runs_root = runs_root or repo.root / ".overnight" / "runs"
         self.accept_spec_change = accept_spec_change  # measure differently than the pin
-        self.data = data or Data()  # [run] data: pinned with the spec, watched between runs
-        self._data_key = self.data.stat_key()
+        self.data = Watch(ledger, tag, data or Data())  # [run] data: hashed, watched, pinned
         self.results_tsv = results_tsv  # rewritten as each experiment is decided
         self.proposer: Proposer | None = None
         self._pending: dict[Future, _Job] = {}
@@ -559,7 +558,7 @@ class Loop:
         """Judge a finished run; a would-be keep goes through the checks gate first."""
         row = job.row
         self._verify_before_judging(row)
-        self._check_data()
+        self.data.after_run()
         run = judge.outcome(result, self.spec.objective.metric)
         if result.status == "error":
             self._finish(row, result, Decision(Status.LOST, reason=result.reason))
@@ -706,6 +705,7 @@ class Loop:
     def _checked(self, job: _Job, check: CheckResult) -> None:
         row = self._get(job.row.id)
         self._verify_before_judging(row)
+        self.data.after_run()
         failed = self.judge.checks(check.ok, check.reason)
         if row.status == Status.CONFIRM:  # decided on its repeats; its runs are recorded
             if failed:
@@ -891,24 +891,12 @@ class Loop:
 
     def _pin_spec(self) -> None:
         pins.pin_spec(self.ledger, self.tag, self.spec)
-        if self.data.pairs:
-            data.pin(self.ledger, self.tag, self.data)
+        self.data.pin()
 
     def _check_spec(self) -> None:
         pins.check_spec(self.ledger, self.tag, self.spec, self.accept_spec_change,
                         self.report.note)
-        if self.data.pairs:
-            data.check(self.ledger, self.tag, self.data, self.accept_spec_change,
-                       self.report.note)
-
-    def _check_data(self) -> None:
-        """Between runs: the data's sizes and times, and its hashes once they moved."""
-        if not self.data.pairs:
-            return
-        key = self.data.stat_key()
-        if key != self._data_key:
-            self._data_key = key
-            data.check(self.ledger, self.tag, self.data, False, self.report.note)
+        self.data.start(self.accept_spec_change, self.report.note)
 
     def _check_branch(self) -> None:
         pins.check_branch(self.repo, self.ledger, self.tag, self.report.note)
