@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import CLI, git, rows, spec_toml, train_py, wait_until
+from conftest import CLI, PYTHON, git, rows, spec_toml, train_py, wait_until
 from shapes import nanogpt_data, nanogpt_like
 from test_hostile import ledger_rows, log_of, make_harness
 
@@ -263,3 +263,34 @@ def test_hashing_never_follows_a_link_or_blocks_on_a_fifo(tmp_path: Path) -> Non
     assert digest == {"d/dir": "a link to /etc", "d/pipe": "not a regular file",
                       "d/secret": "a link to /etc/hostname",
                       "d/train.bin": hashlib.sha256(b"tokens").hexdigest()}
+
+
+def test_the_checks_and_the_evaluator_see_the_data_read_only(make_repo, cli) -> None:
+    probe = """\
+import os, sys
+data = open("data/tiny/train.bin", "rb").read()
+try:
+    open("data/tiny/train.bin", "r+b").write(b"x")
+    sys.exit("the data was writable")
+except OSError:
+    pass
+"""
+    train = train_py(0.001, extra=(
+        'open(os.path.join(os.environ["OVERNIGHT_ARTIFACTS"], "lr.txt"), "w")'
+        '.write(str(LEARNING_RATE))'))
+    evaluate = probe + (
+        'lr = float(open(os.path.join(os.environ["OVERNIGHT_ARTIFACTS"], "lr.txt")).read())\n'
+        'print(f"val_loss: {1 + abs(lr - 0.004) * 100 + len(data) / 1e6:.6f}")\n')
+    spec = spec_toml("grid", extra_run=f'data = ["data/tiny"]\nchecks = "{PYTHON} probe.py"',
+                     extra=f'\n[evaluate]\ncommand = "{PYTHON} eval.py"\n')
+    repo = make_repo({"train.py": train, "probe.py": probe, "eval.py": evaluate,
+                      ".gitignore": "data/\n"}, spec)
+    (repo / "data" / "tiny").mkdir(parents=True)
+    (repo / "data" / "tiny" / "train.bin").write_bytes(nanogpt_data())
+    out = cli("run", "-t", "d", "-n", "3", cwd=repo, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rs = rows(repo, "d")
+    # The metric came from the evaluator, which read the data; a keep passed the checks.
+    size = len(nanogpt_data()) / 1e6
+    assert rs[0]["metric"] == pytest.approx(1.3 + size)
+    assert [r["status"] for r in rs if not r["is_baseline"]].count("keep") >= 1, rs
