@@ -112,11 +112,9 @@ def test_prechecks_run_beside_the_slots_without_touching_their_runs():
         out = h.run(repo, "run", "-t", "t", "-n", "6", timeout=180)
         assert out.returncode == 0, out.stdout + out.stderr
         rs = ledger_rows(repo)
-        ran = [r for r in rs if r["started_at"] is not None]
-        assert len(ran) == 6 and {r["status"] for r in ran} <= {"keep", "discard"}, \
+        # Six runs, none killed, and no candidate prechecked beyond them (left over, lost).
+        assert [r["status"] for r in rs if r["status"] not in ("keep", "discard")] == [], \
             [(r["status"], r["reason"]) for r in rs]
-        # The rest was prechecked when the loop reached its 6 runs: left for a later run.
-        assert {(r["status"], r["reason"]) for r in rs if r not in ran} <= {
-            ("lost", "not run: the loop stopped")}
+        assert len(rs) == 6
     finally:
         shutil.rmtree(h.base, ignore_errors=True)

@@ -162,8 +162,8 @@ class Loop:
                 continue
             if self._stop or self.proposer is None or self.proposer.slow:
                 return
-            if len(self._prechecking) >= len(self._free_slots):
-                return  # enough candidates are being prechecked for the free slots
+            if len(self._prechecking) >= len(self._free_slots) or self._planned_max():
+                return  # enough candidates are being prechecked for the free slots, or runs
             ctx = self._context()  # a fast proposer (search) proposes right here
             row = self._accept(self.proposer.propose(ctx), ctx)
             if row is not None and row.status == "queued":
@@ -951,6 +951,14 @@ class Loop:
         failed_starts = sum(1 for r in self._rows.values()
                             if r.is_baseline and r.status in FAILED)  # not a tag yet
         return self._history.runs(exclude=NOT_COUNTED) - failed_starts
+
+    def _planned_max(self) -> bool:
+        """Runs counted, running, ready or in their precheck reach --max-experiments: one
+        more candidate would never run."""
+        if self.max is None:
+            return False
+        running = sum(1 for job in self._pending.values() if not job.checks)
+        return self._counted() + running + len(self._ready) + len(self._prechecking) >= self.max
 
     def _reached_max(self) -> bool:
         if self.max is None:
