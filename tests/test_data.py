@@ -149,8 +149,8 @@ loss += len(tokens) / 1e6
 
 @pytest.mark.parametrize("who", ["root", "nobody", "root, sandbox user"])
 def test_a_boxed_run_cannot_change_the_data(who: str) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("the harness as nobody and sandbox \"user\" need root")
+    if who != "root" and os.geteuid() != 0:
+        pytest.skip("the harness as nobody, and sandbox \"user\", need root")
     h = make_harness(who)
     try:
         repo = h.repo(train_py(0.001, extra=ATTACK), 'data = ["data/tiny"]\n',
@@ -183,8 +183,7 @@ def test_without_a_box_a_run_that_writes_the_data_halts_the_loop(make_repo, cli)
     (repo / "data" / "tiny" / "train.bin").write_bytes(nanogpt_data())
     out = cli("run", "-t", "d", "-n", "2", cwd=repo, timeout=120)
     assert out.returncode == 3, out.stdout + out.stderr
-    assert "data/tiny/train.bin changed while the loop ran" in out.stderr.replace("\n", " ") \
-        or "(data/tiny/train.bin changed)" in out.stderr, out.stderr
+    assert "changed while the loop ran (data/tiny/train.bin changed)" in out.stderr, out.stderr
     assert [r["metric"] for r in rows(repo, "d")] == [None]  # not judged
 
 
