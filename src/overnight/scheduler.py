@@ -20,8 +20,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
-from overnight import admission, data, diagnose, judge, pins, report
-from overnight.data import Data
+from overnight import admission, diagnose, judge, pins, report
+from overnight.data import Data, Watch
 from overnight.errors import ConfigError, IntegrityHalt, OvernightError
 from overnight.executors.base import CheckResult, Executor, RunRequest, RunResult
 from overnight.history import History, experiment
@@ -85,8 +85,7 @@ class Loop:
         self.report = reporter or SilentReporter()
         self.runs_root = runs_root or repo.root / ".overnight" / "runs"
         self.accept_spec_change = accept_spec_change  # measure differently than the pin
-        self.data = data or Data()  # [run] data: pinned with the spec, watched between runs
-        self._data_key = self.data.stat_key()
+        self.data = Watch(ledger, tag, data or Data())  # [run] data: hashed, watched, pinned
         self.results_tsv = results_tsv  # rewritten as each experiment is decided
         self._tsv_failed = False  # said once, until it can be written again
         self.proposer: Proposer | None = None
@@ -178,8 +177,8 @@ class Loop:
                 return
             if not self._judging_slots():
                 return
-            if len(self._prechecking) >= len(self._free_slots):
-                return  # enough candidates are being prechecked for the free slots
+            if len(self._prechecking) >= len(self._free_slots) or self._planned_max():
+                return  # enough candidates are being prechecked for the free slots, or runs
             ctx = self._context()  # a fast proposer (search) proposes right here
             row = self._accept(self.proposer.propose(ctx), ctx)
             if row is not None and row.status == "queued":
@@ -644,7 +643,7 @@ class Loop:
         """Judge a finished run; a would-be keep goes through the checks gate first."""
         row = job.row
         self._verify_before_judging(row)
-        self._check_data()
+        self.data.after_run()
         run = judge.outcome(result, self.spec.objective.metric)
         if result.status == "error":
             self._finish(row, result, Decision(Status.LOST, reason=result.reason))
@@ -837,6 +836,7 @@ class Loop:
     def _checked(self, job: _Job, check: CheckResult) -> None:
         row = self._get(job.row.id)
         self._verify_before_judging(row)
+        self.data.after_run()
         failed = self.judge.checks(check.ok, check.reason)
         if row.status == Status.CONFIRM:  # decided on its repeats; its runs are recorded
             if failed:
@@ -1081,26 +1081,14 @@ class Loop:
 
     def _pin_spec(self) -> None:
         pins.pin_spec(self.ledger, self.tag, self.spec)
-        if self.data.pairs:
-            data.pin(self.ledger, self.tag, self.data)
+        self.data.pin()
 
     def _check_spec(self) -> None:
-        if self._incumbent() is None:
-            return  # no measured baseline: the tag does not exist yet, nothing is pinned
-        pins.check_spec(self.ledger, self.tag, self.spec, self.accept_spec_change,
-                        self.report.note)
-        if self.data.pairs:
-            data.check(self.ledger, self.tag, self.data, self.accept_spec_change,
-                       self.report.note)
-
-    def _check_data(self) -> None:
-        """Between runs: the data's sizes and times, and its hashes once they moved."""
-        if not self.data.pairs or self._incumbent() is None:
-            return
-        key = self.data.stat_key()
-        if key != self._data_key:
-            self._data_key = key
-            data.check(self.ledger, self.tag, self.data, False, self.report.note)
+        measured = self._incumbent() is not None  # else the tag does not exist yet
+        if measured:
+            pins.check_spec(self.ledger, self.tag, self.spec, self.accept_spec_change,
+                            self.report.note)
+        self.data.start(self.accept_spec_change, self.report.note, measured)
 
     def _check_branch(self) -> None:
         pins.check_branch(self.repo, self.ledger, self.tag, self.report.note)
@@ -1154,6 +1142,14 @@ class Loop:
         starts not (History leaves them out). From the rows the loop holds (every write is
         reread), not a count over the whole ledger."""
         return self._history.runs(exclude=NOT_COUNTED)
+
+    def _planned_max(self) -> bool:
+        """Runs counted, running, ready or in their precheck reach --max-experiments: one
+        more candidate would never run."""
+        if self.max is None:
+            return False
+        running = sum(1 for job in self._pending.values() if not job.checks)
+        return self._counted() + running + len(self._ready) + len(self._prechecking) >= self.max
 
     def _reached_max(self) -> bool:
         if self.max is None:

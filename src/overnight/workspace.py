@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from overnight import sandbox
-from overnight.data import Data
+from overnight.data import Data, unreadable_to_others
 from overnight.data import resolve as resolve_data
 from overnight.errors import ConfigError, OvernightError
 from overnight.ledger import Ledger, Row, unwritable
@@ -116,8 +116,14 @@ class Workspace:
                 "fix the path in overnight.toml or commit the file"
             )
         self._check_context()
-        sandbox.resolve(self.spec.run.sandbox)  # exit 2 now, not in every run
-        self.data()  # exit 2 now: a dataset that is missing or is not one
+        mode = sandbox.resolve(self.spec.run.sandbox)  # exit 2 now, not in every run
+        data = self.data()  # exit 2 now: a dataset that is missing or is not one
+        closed = unreadable_to_others(data) if mode == "user" else None
+        if closed is not None:
+            raise ConfigError(
+                f"[run] data: {closed} is closed to other users, and with sandbox \"user\" "
+                "each run is an unprivileged uid of its own: open it (chmod o+rX for the data, "
+                "o+x for each directory above it)")
         tsv = self.results_tsv()
         if tsv is not None:
             self.repo.exclude("/" + tsv.relative_to(self.repo.root).as_posix())

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import queue
 import threading
 from abc import ABC, abstractmethod
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from overnight.metrics import Metrics
 from overnight.tree import Tree
+
+# Sandbox "user": the slot uids prechecks run as, apart from the runs' (0 and up) and the
+# coding agents' (520 and up), since everything of a slot's uid ends when one of its
+# processes does.
+PRECHECK_SLOTS = (512, 513)
 
 
 @dataclass(frozen=True)
@@ -99,6 +105,7 @@ class Executor(ABC):
     slots: int
     _cancelled: threading.Event
     _side: ThreadPoolExecutor | None = None
+    _side_slots: queue.SimpleQueue[int] | None = None
 
     @property
     def slot_classes(self) -> list[str]:
@@ -114,12 +121,24 @@ class Executor(ABC):
                  ) -> Future[CheckResult]:
         """The precheck command on a fresh copy of the candidate's tree, on this machine,
         outside the slots, boxed like a run, with no GPU visible."""
+        if self._side is None:
+            self._side_slots = queue.SimpleQueue()
+            for slot in PRECHECK_SLOTS:
+                self._side_slots.put(slot)
+            self._side = ThreadPoolExecutor(max_workers=len(PRECHECK_SLOTS),
+                                            thread_name_prefix="overnight-pre")
+        return self._side.submit(self._precheck, request, command, timeout)
+
+    def _precheck(self, request: RunRequest, command: str, timeout: float) -> CheckResult:
         from overnight.executors import runner
 
-        if self._side is None:
-            self._side = ThreadPoolExecutor(max_workers=2, thread_name_prefix="overnight-pre")
-        return self._side.submit(runner.check, request, command, timeout, self._cancelled, "",
-                                 "precheck.log")
+        assert self._side_slots is not None
+        slot = self._side_slots.get()  # one per worker thread: always one free
+        try:
+            return runner.check(replace(request, slot=slot), command, timeout,
+                                self._cancelled, "", "precheck.log")
+        finally:
+            self._side_slots.put(slot)
 
     @abstractmethod
     def submit(self, request: RunRequest) -> Future[RunResult]:

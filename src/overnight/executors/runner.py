@@ -54,7 +54,8 @@ class Launch:
     tmp_bytes: int = 4 << 30
     max_processes: int = 4096
     slot: int = 0  # the slot's own uid, for sandbox "user"
-    mounts: list[tuple[str, str]] = field(default_factory=list)  # [run] data, read-only
+    # [run] data as (source, place): bound read-only (bwrap), readable through a link (user)
+    mounts: list[tuple[str, str]] = field(default_factory=list)
     listeners: list[Callable[[bytes], None]] = field(default_factory=list)
 
     @classmethod
@@ -167,8 +168,8 @@ def _fresh(run_dir: Path) -> None:
 
 
 def place_data(req: RunRequest, cwd: Path, mode: str) -> list[tuple[str, str]]:
-    """Make `[run] data` appear at its paths under `cwd`: a placeholder to bind the source
-    over, read-only (bwrap, returned as mounts), or a link to it (user, none)."""
+    """Make `[run] data` appear at its paths under `cwd`: a placeholder the box binds the
+    source over, read-only (bwrap), or a link to it (user, none); (source, place) pairs."""
     mounts = []
     for rel, source in req.data:
         place = cwd / rel
@@ -182,9 +183,9 @@ def place_data(req: RunRequest, cwd: Path, mode: str) -> list[tuple[str, str]]:
         place.parent.mkdir(parents=True, exist_ok=True)
         if mode == "bwrap":
             place.mkdir() if os.path.isdir(source) else place.touch()
-            mounts.append((source, str(place)))
         else:
             place.symlink_to(source)
+        mounts.append((source, str(place)))
     return mounts
 
 
@@ -283,7 +284,7 @@ def user_box(launch: Launch, env: dict[str, str], argv: list[str]
     landlock = None
     if abi:
         readable = [*_confine.system_read_paths(), *map(str, sandbox.interpreter_paths()),
-                    *map(str, launch.readable)]
+                    *map(str, launch.readable), *(source for source, _ in launch.mounts)]
         writable = [str(launch.cwd), *map(str, launch.writable), str(home), str(tmp),
                     *_confine.device_write_paths(), *launch.devices, "/dev/shm"]
         landlock = {"read": sorted({p for p in readable if os.path.exists(p)}),
