@@ -325,6 +325,43 @@ class Hardware(_Section):
         return self.confirm is not None
 
 
+_EVERY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(experiments?|runs?|h|hours?|m|min|minutes?)\s*$")
+
+
+class Human(_Section):
+    """Where a person comes in: checkpoints to approve, a command that tells them, and what
+    the loop does when it stops finding improvements."""
+
+    # "50 experiments" (runs that count, as for --max-experiments) or a duration ("2h",
+    # "90m"): the loop finishes what runs, writes the report, runs `notify` and waits for
+    # `overnight approve`.
+    checkpoint_every: str | None = None
+    # A shell command run at checkpoints, when the loop gets stuck, halts, ends or its
+    # baseline fails; OVERNIGHT_EVENT, OVERNIGHT_TAG, OVERNIGHT_MESSAGE, OVERNIGHT_REPORT set.
+    notify: str | None = None
+    notify_timeout_seconds: float = Field(default=60, gt=0)
+    # Decided candidates in a row without a keep before the loop changes tactics (0: never).
+    stuck_after: int = Field(default=30, ge=0)
+
+    @field_validator("checkpoint_every")
+    @classmethod
+    def _every(cls, v: str | None) -> str | None:
+        if v is not None and _EVERY.match(v) is None:
+            raise ValueError('must be a number of experiments or a duration, e.g. '
+                             '"50 experiments", "2h" or "90m"')
+        return v
+
+    def every(self) -> tuple[str, float] | None:
+        """("runs", n) or ("seconds", s), or None without checkpoints."""
+        if self.checkpoint_every is None:
+            return None
+        m = _EVERY.match(self.checkpoint_every)
+        amount, unit = float(m.group(1)), m.group(2)
+        if unit.startswith(("experiment", "run")):
+            return ("runs", max(1.0, amount))
+        return ("seconds", amount * (3600 if unit.startswith("h") else 60))
+
+
 class Spec(_Section):
     objective: Objective
     run: Run
@@ -337,6 +374,7 @@ class Spec(_Section):
     agent: Agent | None = None
     ray: RaySpec = Field(default_factory=RaySpec)
     hardware: Hardware = Field(default_factory=Hardware)
+    human: Human = Field(default_factory=Human)
 
     @model_validator(mode="after")
     def _proposer_configured(self) -> Spec:
