@@ -313,6 +313,61 @@ def steer(
     console.print(f"noted for {'tag ' + tag if tag else 'every tag'}: {escape(note)}")
 
 
+def _act(action: str, tag: str | None, repo: Path, note: str = "") -> None:
+    """Send an action to the loop running the tag (the dashboard sends the same ones)."""
+    from overnight.human import request
+    from overnight.workspace import Workspace, default_tag
+
+    ws = Workspace.open(repo)
+    ledger = ws.ledger()
+    try:
+        if not ledger.tags():
+            raise ConfigError("no experiments yet: start with `overnight run`")
+        tag = tag or default_tag(ledger)
+        said = request(ledger, ws.state, tag, action, note, by="cli")
+    finally:
+        ledger.close()
+    console.print(f"tag {escape(tag)}: {escape(said)}")
+
+
+@command
+def pause(tag: TagOpt = None, repo: RepoOpt = Path(".")) -> None:
+    """Pause a running loop: what runs finishes and is judged, nothing new starts (no
+    proposals either) until `overnight unpause`. Exit 2 when no loop runs the tag."""
+    _act("pause", tag, repo)
+
+
+@command
+def unpause(tag: TagOpt = None, repo: RepoOpt = Path(".")) -> None:
+    """Let a paused loop launch experiments again."""
+    _act("unpause", tag, repo)
+
+
+@command
+def approve(
+    note: Annotated[str | None, typer.Argument(help="A steering note for the proposer, "
+                    "recorded with the approval (as `overnight steer` would).")] = None,
+    tag: TagOpt = None,
+    repo: RepoOpt = Path("."),
+) -> None:
+    """Approve the checkpoint a loop waits at ([human] checkpoint_every), optionally with a
+    steering note; the loop goes on. Exit 2 when nothing waits for approval."""
+    _act("approve", tag, repo, note or "")
+
+
+@command
+def stop(
+    now: Annotated[bool, typer.Option("--now", help="Kill what runs instead of letting it "
+                   "finish (as Ctrl-C would); the same `overnight run` resumes and redoes "
+                   "it.")] = False,
+    tag: TagOpt = None,
+    repo: RepoOpt = Path("."),
+) -> None:
+    """Stop a running loop, wherever it was started: what runs finishes and is judged, then
+    the loop ends. Exit 2 when no loop runs the tag."""
+    _act("stop-now" if now else "stop", tag, repo)
+
+
 def _row(ws, experiment_id: int):  # noqa: ANN001, ANN202
     ledger = ws.ledger()
     try:

@@ -652,9 +652,14 @@ class Ledger:
             "COALESCE(SUM(cost_usd), 0) FROM experiments WHERE tag = ?", (tag,)).fetchone()
         return int(r[0]), int(r[1]), float(r[2])
 
-    def events(self, tag: str) -> list[dict]:
-        rows = self.db.execute("SELECT * FROM events WHERE tag = ? ORDER BY id", (tag,))
+    def events(self, tag: str, after: int = 0) -> list[dict]:
+        """The tag's events, oldest first; `after`: only those with a larger id."""
+        rows = self.db.execute("SELECT * FROM events WHERE tag = ? AND id > ? ORDER BY id",
+                               (tag, after))
         return [dict(r) for r in rows]
+
+    def last_event_id(self) -> int:
+        return int(self.db.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0])
 
 
 # -- verification -------------------------------------------------------------

@@ -15,6 +15,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,6 +26,7 @@ from overnight.data import Data, Watch
 from overnight.errors import ConfigError, IntegrityHalt, OvernightError
 from overnight.executors.base import CheckResult, Executor, RunRequest, RunResult
 from overnight.history import History, experiment
+from overnight.human import Human
 from overnight.judge import Decision
 from overnight.knobs import Scope, unreached
 from overnight.ledger import Ledger, Row, export_tsv
@@ -40,7 +42,9 @@ from overnight.tree import Tree
 
 MAX_LOST_RETRIES = 2  # a candidate whose run is lost is redone at most this many times
 GROW_EVERY_SECONDS = 5.0  # how often the executor is asked whether it has more slots
+CONTROL_POLL_SECONDS = 1.0  # how often the person's actions (pause, approve...) are read
 # (then given up and reported); the baseline is redone until it runs: nothing goes without it
+STUCK_SHOWN = 20  # the failed ideas a stuck proposer is shown, the most recent
 MAX_REJECTED_IN_A_ROW = 20  # a proposer that only produces rejects is stopped
 
 
@@ -74,7 +78,8 @@ class Loop:
                  proposer_factory, max_experiments: int | None = None,
                  reporter: Reporter | None = None, runs_root: Path | None = None,
                  accept_spec_change: bool = False, data: Data | None = None,
-                 results_tsv: Path | None = None):
+                 results_tsv: Path | None = None,
+                 write_report: Callable[[], Path | None] | None = None):
         self.repo = repo
         self.spec = spec
         self.ledger = ledger
@@ -115,6 +120,10 @@ class Loop:
         self._stopping = False  # interrupted: lost runs are left for the next resume
         self._class_waiting: set[int] = set()  # confirm candidates waiting for the incumbent
         self._grown_at = time.monotonic()  # when the executor was last asked for more slots
+        # The person: pause/stop/approve actions, checkpoints, stuck, notify ([human]).
+        self.human = Human(ledger, tag, spec.human, repo.root / ".overnight", self.report.note)
+        self.write_report = write_report  # the morning report, at checkpoints and the end
+        self._baseline_failure = False
 
     # -- the main path -----------------------------------------------------------
 
@@ -126,6 +135,7 @@ class Loop:
             try:
                 self._redo = self._resume()
                 self._precheck_baseline()
+                self.human.begin(self._counted(), self._rows.values())
                 why = self._loop()
                 self._check_branch()
                 self.ledger.verify()
@@ -135,28 +145,65 @@ class Loop:
                 why, interrupted = "interrupted", True
             except IntegrityHalt as e:
                 self._halt(e)
+                self.human.notify("halt", f"tag {self.tag} halted on an integrity violation: "
+                                  f"{e}", self._report_quietly())
+                raise
+            except ConfigError as e:
+                if self._baseline_failure:
+                    self.human.notify("baseline_failed", f"tag {self.tag}: {e}")
                 raise
             self.ledger.event(self.tag, "stop", why)
+            self.human.notify("end", f"tag {self.tag} stopped: {why}", self._report_quietly())
             return Outcome(self.tag, self._counted(), interrupted, why)
 
     def _loop(self) -> str:
         while True:
+            self._listen()
             self._grow()
             self._drain()
             self._collect_proposals()
-            self._fill_slots()
-            self._request_proposals()
+            if not self._baseline_pending() and not self._reached_max():
+                self.human.due(self._counted())
+            if not self.human.held:
+                self._fill_slots()
+                self._request_proposals()
             if not self._pending and not self._proposing and not self._prechecking:
+                if self.human.held and not self._reached_max():
+                    self._hold()
+                    continue
                 if self._ready and not self._reached_max() \
                         and self._slot_for(self._ready[0]) is not None:
                     continue
                 break
             wait([*self._pending, *self._proposing, *self._prechecking],
-                 timeout=GROW_EVERY_SECONDS, return_when=FIRST_COMPLETED)
+                 timeout=CONTROL_POLL_SECONDS, return_when=FIRST_COMPLETED)
         self._drop_unrun()
         if self._reached_max():
             return f"reached {self.max} runs"
         return self._stop or "done"
+
+    def _listen(self) -> None:
+        """The person's actions since the last look (a stop ends proposing)."""
+        self.human.poll()
+        if self.human.stop and not self._stop:
+            self._stop = self.human.stop
+
+    def _hold(self) -> None:
+        """Paused or at a checkpoint, with nothing running: a checkpoint is announced once
+        (the report written, notify run), then the loop waits for the person."""
+        if self.human.checkpoint is not None and not self.human.waiting:
+            self.human.announce(self._counted(), self._report_quietly())
+        time.sleep(CONTROL_POLL_SECONDS)
+
+    def _report_quietly(self) -> Path | None:
+        """The morning report, written now; a failure to write it is said, never fatal."""
+        if self.write_report is None:
+            return None
+        try:
+            return self.write_report()
+        except Exception as e:  # noqa: BLE001 - a report must never stop the loop
+            self.report.note(f"the report could not be written: {e}")
+            return None
 
     def _fill_slots(self) -> None:
         """Free slots take, in order: redone work, prepared candidates, fresh proposals."""
@@ -454,6 +501,8 @@ class Loop:
             protected=tuple(self.spec.files.protected),
             readonly=self._readonly(inc.commit_sha),
             notes=tuple(self.ledger.notes(self.tag)),
+            stuck=tuple(_tried(r, objective.metric) for r in
+                        self.human.stuck(self._rows.values())[-STUCK_SHOWN:]),
             tried=self._history.tried,  # every fingerprint: a frozen view, never copied
             counts=self._history.counts(),
             omitted=len(self._history) - len(history),
@@ -876,6 +925,7 @@ class Loop:
         row = self._settle(row, decision, inc, **facts)
         self._tidy(row)
         if row.is_baseline and row.status not in ("keep", "lost", "tampered"):
+            self._baseline_failure = True
             raise ConfigError(self._baseline_failed(row))
         if row.is_baseline and row.status == Status.KEEP:
             self._top_up_baseline(row)
@@ -968,7 +1018,10 @@ class Loop:
                 self._measure_everywhere(self._get(row.id))
         else:
             self.ledger.update(row.id, **update)
-        return self._get(row.id)
+        row = self._get(row.id)
+        if not row.is_baseline and row.repeat_of is None:
+            self.human.check_stuck(self._rows.values())
+        return row
 
     def _keep_commit(self, row: Row, inc: Row, d: Decision) -> str:
         metric = self.spec.objective.metric
@@ -1224,6 +1277,15 @@ def atomic_write(path: Path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _tried(row: Row, metric: str) -> str:
+    """One failed idea, for a proposer told it is stuck."""
+    what = row.description or "(no description)"
+    if row.hypothesis:
+        what += f" (hypothesis: {row.hypothesis})"
+    result = f"{metric} {row.value:.6g}" if row.value is not None else row.reason
+    return f"#{row.id} {what} -> {row.status}: {result}"[:400]
 
 
 def _log_tail(path: str) -> str:

@@ -60,6 +60,9 @@ class Context:
     counts: Mapping[str, int] = field(default_factory=dict)
     omitted: int = 0  # older experiments of the tag that are not in `history`
     siblings: int = 0  # other proposals being prepared at the same time as this one
+    # Stuck ([human] stuck_after): the failed ideas since the last keep, most recent last, one
+    # line each; empty while the loop is finding improvements.
+    stuck: tuple[str, ...] = ()
 
     def is_duplicate(self, edits: dict[str, str]) -> bool:
         """True if these edits on the incumbent give files that were already tried."""

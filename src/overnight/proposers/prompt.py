@@ -276,7 +276,8 @@ class _Builder:
                                                                  if e.id in kept]
         self.soft = len(self.order) - len(kept)
         self.total = len(self.order)
-        self.foot = "\n\n".join(s for s in (self._in_flight(), self._notes(), task) if s)
+        self.foot = "\n\n".join(s for s in (self._in_flight(), self._notes(), self._stuck(),
+                                             task) if s)
 
     @property
     def head(self) -> str:
@@ -437,6 +438,18 @@ class _Builder:
             lines.append(line)
         if siblings:
             lines += ["", siblings]
+        return "\n".join(lines)
+
+    def _stuck(self) -> str:
+        if not self.ctx.stuck:
+            return ""
+        lines = [f"## You are stuck: the last {len(self.ctx.stuck)} ideas did not improve",
+                 "",
+                 "None of these beat the incumbent. Do not propose variations of them. Step "
+                 "back and try a clearly different direction (another part of the script, "
+                 "another kind of change), and say in the hypothesis why it should work where "
+                 "these did not.", ""]
+        lines += [f"- {_one_line(t)}" for t in self.ctx.stuck]
         return "\n".join(lines)
 
     def _notes(self) -> str:

@@ -222,6 +222,7 @@ class SearchProposer(Proposer):
         self._recorded: set[Key] = set()  # configurations seen in the history (or tried)
         self._newest: int | None = None  # the newest experiment id gathered into _recorded
         self._wave: list[Config] = []  # grid: partial configs still to try
+        self._wide = 1.0  # step width: wider while stuck
         self._waves = 0
         self._next_axis = 0
         self.study: optuna.Study | None = None  # tpe: the study behind the last proposal
@@ -241,7 +242,8 @@ class SearchProposer(Proposer):
             "tpe": self._tpe,
             "grid": self._grid,
         }
-        found = strategies[self.strategy](ctx, center, seen)
+        found = self._unstick(ctx, center, seen) if ctx.stuck else None
+        found = found or strategies[self.strategy](ctx, center, seen)
         if found is None:
             return None
         config, hypothesis = found
@@ -249,6 +251,30 @@ class SearchProposer(Proposer):
         return self._proposal(ctx, current, config, hypothesis)
 
     # --- strategies: each returns (config, hypothesis) or None -------------------------------
+
+    def _unstick(self, ctx: Context, center: Config, seen: _Seen) -> tuple[Config, str] | None:
+        """Stuck ([human] stuck_after failures in a row): half the proposals restart
+        anywhere in the space, half take wider steps around another kept point (or the
+        incumbent when it is the only one)."""
+        n = len(ctx.stuck)
+        if self._rng.random() < 0.5:
+            found = self._random(ctx, center, seen)
+            if found is not None:
+                return found[0], f"stuck after {n} failures: restart at a fresh point"
+            return None
+        kept = [e for e in ctx.history if e.status == "keep" and e.id != ctx.incumbent.id
+                and all(name in e.knobs for name in self.names)]
+        other = self._rng.choice(kept) if kept else None
+        base = {n_: other.knobs[n_] for n_ in self.names} if other else center
+        self._wide = 3.0
+        try:
+            found = self._perturb(ctx, base, seen)
+        finally:
+            self._wide = 1.0
+        if found is None:
+            return None
+        around = f"kept #{other.id}" if other else "the incumbent"
+        return found[0], f"stuck after {n} failures: wider steps around {around}"
 
     def _perturb(self, ctx: Context, center: Config, seen: _Seen) -> tuple[Config, str] | None:
         """Local moves of one knob (70%) or two around the incumbent."""
@@ -443,17 +469,18 @@ class SearchProposer(Proposer):
         return None
 
     def _move(self, r: KnobRange, v: int | float) -> float:
+        w = self._wide
         if r.scale == "pow2":
-            return v * 2.0 ** (self._rng.choice((1, 2)) * self._rng.choice((-1, 1)))
+            return v * 2.0 ** (self._rng.choice((1, 2)) * self._rng.choice((-1, 1)) * round(w))
         if r.scale == "log1m":
-            return 1 - (1 - v) * math.exp(self._rng.gauss(0.0, math.log(2)))
+            return 1 - (1 - v) * math.exp(self._rng.gauss(0.0, w * math.log(2)))
         if r.kind == "int":
-            k = self._rng.choice((1, 2)) * self._rng.choice((-1, 1))
+            k = self._rng.choice((1, 2)) * self._rng.choice((-1, 1)) * round(w)
             return v + k * _int_step(v)
         # Scale-free moves on a log range; on a linear one a value near 0 could never cross it.
         if r.log:
-            return v * math.exp(self._rng.gauss(0.0, math.log(2)))
-        return v + self._rng.gauss(0.0, 0.25 * (r.hi - r.lo))
+            return v * math.exp(self._rng.gauss(0.0, w * math.log(2)))
+        return v + self._rng.gauss(0.0, w * 0.25 * (r.hi - r.lo))
 
     def _uniform(self, r: KnobRange) -> float:
         if r.scale == "pow2":
