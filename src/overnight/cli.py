@@ -175,6 +175,14 @@ def run(
         "--accept-spec-change", help="Resume a tag although overnight.toml now measures "
         "differently (command, budget, objective, files...) than when its baseline ran; "
         "the change is recorded.")] = False,
+    dash: Annotated[bool, typer.Option("--dash", help="Serve the live dashboard beside the "
+                    "loop (as `overnight dash` would, on 127.0.0.1).")] = False,
+    dash_port: Annotated[int, typer.Option(min=0, max=65535, help="The dashboard's port "
+                         "with --dash.")] = 8765,
+    detach: Annotated[bool, typer.Option("--detach", help="Run in the background, in a "
+                      "session of its own: come back once the loop holds its tag and passed "
+                      "its checks (or say why not). Follow it with `overnight status "
+                      "--follow`, stop it with `overnight stop`.")] = False,
     repo: RepoOpt = Path("."),
 ) -> None:
     """Run the research loop: baseline first, then propose, run, judge, keep or revert.
@@ -190,10 +198,24 @@ def run(
 
     ws = Workspace.open(repo)
     ws.repo.exclude(f"/{STATE_DIR}/")  # its log is there: never an untracked file
+    if detach:
+        from overnight.follow import detach as start_detached
+
+        argv = [a for a in sys.argv[sys.argv.index("run") + 1:] if a != "--detach"] \
+            if "run" in sys.argv else []
+        raise typer.Exit(start_detached(ws.state, argv, ws.ledger, console, err_console))
+    server = _dash_server(ws, tag, "127.0.0.1", dash_port) if dash else None
     with outliving(console, err_console, ws.repo.root / STATE_DIR / "run.log"):
-        outcome = run_loop(ws, console, tag, max_experiments, parallel, budget,
-                           accept_spec_change=accept_spec_change,
-                           executor_kind=executor.value if executor else None)
+        if server is not None:
+            server.start()
+            console.print(f"dashboard: {server.url}", highlight=False)
+        try:
+            outcome = run_loop(ws, console, tag, max_experiments, parallel, budget,
+                               accept_spec_change=accept_spec_change,
+                               executor_kind=executor.value if executor else None)
+        finally:
+            if server is not None:
+                server.stop()
         _summary(ws, outcome.tag)
         console.print(f"stopped: {outcome.stopped_because}")
     if outcome.interrupted:
@@ -217,7 +239,13 @@ def _summary(ws, tag: str) -> None:  # noqa: ANN001
 
 
 @command
-def status(tag: TagOpt = None, repo: RepoOpt = Path(".")) -> None:
+def status(
+    tag: TagOpt = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Then print the loop's "
+                      "progress as it is recorded, until it stops (a loop started elsewhere: "
+                      "--detach, another terminal).")] = False,
+    repo: RepoOpt = Path("."),
+) -> None:
     """Runs and candidates by status; baseline and best with their estimates, uncertainty
     and number of runs; the noise; what is confirming and running.
 
@@ -238,6 +266,13 @@ def status(tag: TagOpt = None, repo: RepoOpt = Path(".")) -> None:
     finally:
         ledger.close()
     _summary(ws, tag)
+    if follow:
+        from overnight.follow import follow as follow_loop
+
+        try:
+            follow_loop(ws.ledger, ws.state, tag, ws.spec.objective, console)
+        except KeyboardInterrupt:
+            pass
 
 
 @command
@@ -311,6 +346,54 @@ def steer(
     finally:
         ledger.close()
     console.print(f"noted for {'tag ' + tag if tag else 'every tag'}: {escape(note)}")
+
+
+def _dash_server(ws, tag: str | None, host: str, port: int):  # noqa: ANN001, ANN202
+    from overnight.dashboard import Server
+
+    return Server(ws, tag, host, port)
+
+
+@command
+def dash(
+    tag: TagOpt = None,
+    host: Annotated[str, typer.Option(help="Address to listen on. Keep loopback; reach it "
+                    "from elsewhere with `ssh -L 8765:127.0.0.1:8765 host`.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one).")]
+    = 8765,
+    repo: RepoOpt = Path("."),
+) -> None:
+    """The live dashboard: the progress chart updating as experiments finish, what runs on
+    which slot with its log, the ledger (sortable; a row opens its diff and log), and the
+    actions: pause, unpause, approve, stop, steer.
+
+    Runs beside `overnight run` (or use `overnight run --dash`) until Ctrl-C. Actions need
+    the token it prints (also in .overnight/dash.token, readable by you only); the URL it
+    prints carries it. The page runs no command and shows nothing secret.
+    """
+    from overnight.workspace import Workspace
+
+    ws = Workspace.open(repo)
+    ledger = ws.ledger()
+    try:
+        ledger.verify()  # exit 3 on a ledger changed behind overnight's back
+        if tag is not None and tag not in ledger.tags():
+            raise ConfigError(f"no experiments with tag '{tag}'; tags: "
+                              f"{', '.join(ledger.tags()) or 'none yet'}")
+    finally:
+        ledger.close()
+    server = _dash_server(ws, tag, host, port)
+    if host not in ("127.0.0.1", "localhost", "::1", "[::1]"):
+        err_console.print(f"[bold yellow]warning:[/] listening on {escape(host)}: whoever "
+                          "reaches it can read the ledger, diffs and logs (actions still need "
+                          "the token)", highlight=False)
+    console.print(f"dashboard: {server.url}", highlight=False)
+    console.print(f"token in {ws.state / 'dash.token'}; Ctrl-C stops the dashboard (not the "
+                  "loop)", highlight=False)
+    try:
+        server.serve()
+    except KeyboardInterrupt:
+        pass
 
 
 def _act(action: str, tag: str | None, repo: Path, note: str = "") -> None:
