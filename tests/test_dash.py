@@ -44,18 +44,27 @@ def base(srv: Server) -> str:
     return f"http://127.0.0.1:{srv.port}"
 
 
-def test_reads_are_open_to_loopback_actions_need_the_token(server: Server) -> None:
+def test_reads_and_actions_need_the_token(server: Server) -> None:
     token_file = Path(server.dash.ws.state) / TOKEN_FILE
     assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
     assert token_file.read_text().strip() == server.token
-    page_ = httpx.get(base(server) + "/")
+    page_ = httpx.get(base(server) + "/")  # the page itself holds no data
     assert page_.status_code == 200 and "script-src 'self'" in page_.headers[
         "content-security-policy"]
-    state = httpx.get(base(server) + "/api/state").json()
+    # An experiment that can reach loopback reads nothing without the token.
+    for path in ("/api/state", "/chart.svg", "/events", "/api/experiments/1/diff",
+                 "/api/experiments/1/log"):
+        assert httpx.get(base(server) + path).status_code == 401, path
+        assert httpx.get(base(server) + path, cookies={f"overnight_{server.port}": "guess"}
+                         ).status_code == 401, path
+    key = {"X-Overnight-Token": server.token}
+    state = httpx.get(base(server) + "/api/state", headers=key).json()
     assert state["tag"] == "t" and len(state["rows"]) == len(rows(server.dash.ws.repo.root))
-    assert httpx.get(base(server) + "/chart.svg").text.startswith("<svg")
+    chart = httpx.get(base(server) + "/chart.svg",
+                      cookies={f"overnight_{server.port}": server.token})
+    assert chart.text.startswith("<svg")
     # DNS rebinding: a name that resolves to 127.0.0.1 is still not this page's host.
-    rebound = httpx.get(base(server) + "/api/state", headers={"Host": "evil.example:80"})
+    rebound = httpx.get(base(server) + "/api/state", headers={**key, "Host": "evil.example:80"})
     assert rebound.status_code == 421
     act = base(server) + "/api/action"
     assert httpx.post(act, json={"action": "pause"}).status_code == 403
@@ -86,9 +95,11 @@ def test_a_log_replaced_by_a_link_is_not_followed(server: Server, tmp_path: Path
         log.parent.mkdir(parents=True, exist_ok=True)
     log.unlink(missing_ok=True)
     log.symlink_to(secret)
-    got = httpx.get(f"{base(server)}/api/experiments/{row['id']}/log").text
-    assert "secret" not in got
-    assert httpx.get(f"{base(server)}/api/experiments/99999/log").status_code == 404
+    key = {"X-Overnight-Token": server.token}
+    got = httpx.get(f"{base(server)}/api/experiments/{row['id']}/log", headers=key)
+    assert got.status_code == 200 and "secret" not in got.text
+    assert httpx.get(f"{base(server)}/api/experiments/99999/log", headers=key
+                     ).status_code == 404
 
 
 def test_untrusted_text_is_shown_never_run(server: Server) -> None:

@@ -5,10 +5,13 @@ CLI does: a `control` event or a steering note in the ledger (overnight/human.py
 the loop reads. It never runs a command, never serves a file by a name it was given, and
 never shows a secret (runs never get any; the spec's are variable names, not values).
 
-Who may act: whoever holds the token printed at start (also in .overnight/dash.token, mode
-0600), sent in the X-Overnight-Token header. Reading needs no token, but only under a Host
-the server was started for (a rebound DNS name pointing at 127.0.0.1 gets 421): a page on
-another site can neither read the ledger nor act. Everything that comes from an
+Who may look and act: whoever holds the token printed at start (also in
+.overnight/dash.token, mode 0600). Every read of the ledger needs it (in the
+X-Overnight-Token header, or the page's same-site cookie, which is how the chart image and
+the event stream carry it): an experiment that can reach loopback (sandbox "user", or
+network = true) must not read other runs through the page. An action needs it in the
+header, which no other site's page can set. Only a Host the server was started for is
+answered (a rebound DNS name pointing at 127.0.0.1 gets 421). Everything that comes from an
 experiment or a model (descriptions, hypotheses, logs, diffs) is text on the page, set with
 textContent, never markup; the chart is an <img> of an SVG, where no script runs.
 """
@@ -75,6 +78,7 @@ class Dash:
     def __init__(self, ws: Workspace, tag: str | None, token: str, hosts: set[str]):
         self.ws, self.token, self.hosts = ws, token, hosts
         self.fixed_tag = tag
+        self.port = 0  # set by the server once it listens (the cookie's name)
         self.page = resources.files(__package__).joinpath("page.html").read_text()
         self.script = resources.files(__package__).joinpath("app.js").read_text()
 
@@ -185,7 +189,18 @@ class Dash:
     # -- acting -----------------------------------------------------------------------------
 
     def authorized(self, req: Request) -> bool:
-        given = req.headers.get(TOKEN_HEADER, "")
+        """May act: the token in the header (a cross-site page cannot set one)."""
+        return self._valid(req.headers.get(TOKEN_HEADER, ""))
+
+    def may_read(self, req: Request) -> bool:
+        """May read the ledger: the token in the header or in the page's cookie."""
+        return self.authorized(req) or self._valid(req.cookies.get(self.cookie, ""))
+
+    @property
+    def cookie(self) -> str:
+        return f"overnight_{self.port}"
+
+    def _valid(self, given: str) -> bool:
         return bool(given) and hmac.compare_digest(given.encode(), self.token.encode())
 
     def act(self, tag: str, action: str, note: str) -> str:
@@ -224,7 +239,14 @@ def make_app(dash: Dash) -> Starlette:
     def script(req: Request) -> Response:
         return Response(dash.script, media_type="text/javascript; charset=utf-8")
 
+    def refused() -> Response:
+        return JSONResponse({"error": "this needs the dashboard's token (printed when `overnight "
+                             f"dash` started, and in .overnight/{TOKEN_FILE}): open the "
+                             "address it printed, or paste the token"}, status_code=401)
+
     def state(req: Request) -> Response:
+        if not dash.may_read(req):
+            return refused()
         try:
             tag = dash.tag(req.query_params.get("tag"))
         except ConfigError as e:
@@ -232,6 +254,8 @@ def make_app(dash: Dash) -> Starlette:
         return JSONResponse(dash.state(tag))
 
     def chart(req: Request) -> Response:
+        if not dash.may_read(req):
+            return refused()
         try:
             tag = dash.tag(req.query_params.get("tag"))
         except ConfigError as e:
@@ -239,6 +263,8 @@ def make_app(dash: Dash) -> Starlette:
         return Response(dash.chart(tag), media_type="image/svg+xml")
 
     def _experiment(req: Request) -> Row | Response:
+        if not dash.may_read(req):
+            return refused()
         try:
             return dash.experiment(int(req.path_params["id"]))
         except (KeyError, ValueError):
@@ -257,6 +283,9 @@ def make_app(dash: Dash) -> Starlette:
         return PlainTextResponse(dash.log_tail(row))
 
     async def events(req: Request) -> Response:
+        if not dash.may_read(req):
+            return refused()
+
         async def stream():  # noqa: ANN202
             last = -1
             beat = 0.0
@@ -277,7 +306,7 @@ def make_app(dash: Dash) -> Starlette:
         if not dash.authorized(req):
             return JSONResponse({"error": "this action needs the dashboard's token (printed "
                                  "when `overnight dash` started, and in .overnight/"
-                                 f"{TOKEN_FILE})"}, status_code=403)
+                                 f"{TOKEN_FILE}): paste it in the token box"}, status_code=403)
         try:
             body = json.loads(await req.body() or b"{}")
             what = str(body.get("action", ""))
@@ -359,6 +388,7 @@ class Server:
             raise ConfigError(f"the dashboard cannot listen on {host}:{port}: {e.strerror}; "
                               "pass another --port (or --dash-port)") from None
         self.port = self.sock.getsockname()[1]
+        self.dash.port = self.port
         if port == 0:  # the port the system chose
             self.dash.hosts = allowed_hosts(host, self.port)
         self.host = host

@@ -9,15 +9,25 @@ let sortKey = "id";
 let sortUp = false;
 let openId = null;
 
+// The token: from the address the server printed (#token=...), then kept in this tab and
+// in a same-site cookie, which the chart image and the event stream carry.
+function setToken(t) {
+  t = (t || "").replace(/[^A-Za-z0-9_-]/g, "");
+  sessionStorage.setItem("overnight-token", t);
+  document.cookie = "overnight_" + location.port + "=" + t + "; SameSite=Strict; path=/";
+  document.getElementById("token").value = t;
+  return t;
+}
+
 (function takeToken() {
   const m = location.hash.match(/token=([A-Za-z0-9_-]+)/);
-  if (m) {
-    sessionStorage.setItem("overnight-token", m[1]);
-    history.replaceState(null, "", location.pathname + location.search);
-  }
-  const t = sessionStorage.getItem("overnight-token");
-  if (t) document.getElementById("token").value = t;
+  if (m) history.replaceState(null, "", location.pathname + location.search);
+  setToken(m ? m[1] : sessionStorage.getItem("overnight-token"));
 })();
+document.getElementById("token").addEventListener("change", e => {
+  setToken(e.target.value);
+  refresh().then(() => { if (!source) listen(); });
+});
 
 function el(name, text, cls) {
   const e = document.createElement(name);
@@ -44,7 +54,7 @@ function say(text, error) {
 
 async function refresh() {
   const r = await fetch(q("/api/state"));
-  if (!r.ok) { say((await r.json()).error || "cannot read the ledger", true); return; }
+  if (!r.ok) { say((await r.json()).error || "cannot read the ledger", true); return false; }
   state = await r.json();
   tag = state.tag;
   document.getElementById("tag").textContent = state.tag;
@@ -62,6 +72,7 @@ async function refresh() {
   drawLedger();
   drawRunning();
   if (openId !== null) openDetail(openId, false);
+  return true;
 }
 
 function drawLedger() {
@@ -156,8 +167,7 @@ async function openDetail(id, scroll) {
 }
 
 async function act(action, note) {
-  const token = document.getElementById("token").value.trim();
-  sessionStorage.setItem("overnight-token", token);
+  const token = setToken(document.getElementById("token").value.trim());
   const r = await fetch(q("/api/action"), {
     method: "POST",
     headers: {"Content-Type": "application/json", "X-Overnight-Token": token},
@@ -183,8 +193,10 @@ for (const th of document.querySelectorAll("#ledger th")) {
   });
 }
 
+let source = null;
+
 function listen() {
-  const source = new EventSource(q("/events"));
+  source = new EventSource(q("/events"));
   source.addEventListener("change", () => refresh());
   source.addEventListener("tick", () => tailLogs());
   source.onerror = () => {
@@ -192,4 +204,4 @@ function listen() {
   };
 }
 
-refresh().then(listen);
+refresh().then(ok => { if (ok) listen(); });
