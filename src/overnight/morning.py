@@ -469,8 +469,9 @@ def _headline(data: dict) -> str:
     c = data["counts"]
     ran = f"{c['candidates']} experiments ({c['repeats']} repeat runs besides)"
     if base is None:
-        why = "the baseline has no number yet" if not c["failed_starts"] else \
-            f"the baseline failed ({c['failed_starts']} tries): see the failures below"
+        n = c["failed_starts"]
+        why = "the baseline has no number yet" if not n else \
+            f"the baseline failed ({n} {'try' if n == 1 else 'tries'}): see the failures below"
         return f'<p class="headline bad">Not started: {e(why)}. {e(ran)}.</p>'
     metric = e(data["objective"]["metric"])
     if best is None or best["id"] == base["id"]:
