@@ -97,19 +97,17 @@ def panels(rows: list[Row]) -> list[Panel]:
     found = classes(rows)
     if len(found) < 2:
         return [_panel("", cands, order, {r.id: r.value for r in cands}, uncounted)]
+    # Where each candidate ran, first or again; one that ran on no class found (a crash on
+    # a slot without one) goes in the first panel.
+    ran_on: dict[int, set[str]] = {}
+    for r in rows:
+        ran_on.setdefault(r.id if r.repeat_of is None else r.repeat_of, set()).add(r.hw_class)
     out = []
     for cls in found:
-        here = [r for r in cands if _on(rows, r, cls, found)]
+        here = [r for r in cands if cls in ran_on[r.id]
+                or (cls == found[0] and not ran_on[r.id] & set(found))]
         out.append(_panel(cls, here, order, _values_on(rows, here, cls), uncounted))
     return out
-
-
-def _on(rows: list[Row], cand: Row, cls: str, found: list[str]) -> bool:
-    """Does a candidate belong in the panel of `cls`: it ran there (first or again); one
-    that measured on no class (a crash on a slot without one) goes in the first panel."""
-    if cand.hw_class == cls or any(r.repeat_of == cand.id and r.hw_class == cls for r in rows):
-        return True
-    return cand.hw_class not in found and cls == found[0]
 
 
 def _values_on(rows: list[Row], cands: list[Row], cls: str) -> dict[int, float | None]:
@@ -472,7 +470,7 @@ def png(rows: list[Row], objective: Objective, path: Path, title: str = "") -> P
         for i, panel in enumerate(shown):
             _png_panel(axes[i][0], panel, objective, title if i == 0 else "", len(shown) > 1)
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, format="png")
     finally:
         plt.close(fig)
     return path

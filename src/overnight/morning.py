@@ -9,10 +9,11 @@ and every string that came from an experiment or a model is escaped where it is 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -248,7 +249,7 @@ def noise(rows: list[Row]) -> dict[str, dict]:
             continue
         out[cls] = {"sigma": sigma, "df": runs.noise.df, "exact": runs.noise.exact}
     recorded = [r for r in rows if r.noise is not None]
-    if recorded:
+    if recorded and len(chart.classes(rows)) < 2:  # with several, which class it was is lost
         latest = max(recorded, key=lambda r: (r.finished_at or 0.0, r.id))
         out.setdefault(latest.hw_class, {})["recorded"] = latest.noise
     return out
@@ -315,10 +316,12 @@ def write_report(ws: Workspace, tag: str | None, out: Path | None = None) -> Pat
     page, picture = report_paths(ws, tag, out)
     objective = Objective(**data["objective"])
     title = f"overnight/{tag}"
-    chart.png(rows, objective, picture, title=title)
     diffs = {k["id"]: _diff(ws, k) for k in data["kept"]}
     html = render(data, chart.svg(rows, objective, title=title), diffs, picture.name)
-    _write_atomic(page, html)
+    with _replacing(picture) as tmp:
+        chart.png(rows, objective, tmp, title=title)
+    with _replacing(page) as tmp:
+        tmp.write_text(html, encoding="utf-8")
     return page
 
 
@@ -338,17 +341,20 @@ def _diff(ws: Workspace, kept: dict) -> str:
     return text
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """A page served while it is rewritten is never half written."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """A temporary file beside `path` that replaces it once written: a page served while
+    it is rewritten is never half written, and a link planted at `path` is replaced, not
+    followed."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
+        yield tmp
+        tmp.chmod(0o644)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def e(value: object) -> str:
