@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 import math
 import re
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,19 +97,17 @@ def panels(rows: list[Row]) -> list[Panel]:
     found = classes(rows)
     if len(found) < 2:
         return [_panel("", cands, order, {r.id: r.value for r in cands}, uncounted)]
+    # Where each candidate ran, first or again; one that ran on no class found (a crash on
+    # a slot without one) goes in the first panel.
+    ran_on: dict[int, set[str]] = {}
+    for r in rows:
+        ran_on.setdefault(r.id if r.repeat_of is None else r.repeat_of, set()).add(r.hw_class)
     out = []
     for cls in found:
-        here = [r for r in cands if _on(rows, r, cls, found)]
+        here = [r for r in cands if cls in ran_on[r.id]
+                or (cls == found[0] and not ran_on[r.id] & set(found))]
         out.append(_panel(cls, here, order, _values_on(rows, here, cls), uncounted))
     return out
-
-
-def _on(rows: list[Row], cand: Row, cls: str, found: list[str]) -> bool:
-    """Does a candidate belong in the panel of `cls`: it ran there (first or again); one
-    that measured on no class (a crash on a slot without one) goes in the first panel."""
-    if cand.hw_class == cls or any(r.repeat_of == cand.id and r.hw_class == cls for r in rows):
-        return True
-    return cand.hw_class not in found and cls == found[0]
 
 
 def _values_on(rows: list[Row], cands: list[Row], cls: str) -> dict[int, float | None]:
@@ -181,9 +180,11 @@ def y_range(panel: Panel, objective: Objective) -> tuple[float, float]:
     if not values:
         return 0.0, 1.0
     kept = [p.value for p in panel.points if p.status == Status.KEEP and p.value is not None]
-    if len(values) >= 20:  # trim the outer 5% on each side, never a kept value
-        cut = len(values) // 20
-        values = values[cut: len(values) - cut]
+    if len(values) >= 4:  # Tukey's far-out fences: never a kept value
+        q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+        scale = max(q3 - q1, max(kept, default=0.0) - min(kept, default=0.0))
+        if scale > 0:
+            values = [v for v in values if q1 - 3 * scale <= v <= q3 + 3 * scale]
     lo, hi = min(values + kept), max(values + kept)
     span = hi - lo
     if span <= 0:
@@ -385,6 +386,7 @@ def _labels(panel: Panel, objective: Objective, f: _Frame) -> list[_Label]:
     """Kept changes labelled toward the better side, leaning away from the nearer edge; a
     label that would run over one already placed shrinks to the experiment's number."""
     out: list[_Label] = []
+    placed: list[tuple[tuple[float, float], tuple[float, float]]] = []  # label baselines
     down = objective.direction == "lower"
     for p in panel.points:
         if p.status != Status.KEEP or p.value is None:
@@ -392,19 +394,43 @@ def _labels(panel: Panel, objective: Objective, f: _Frame) -> list[_Label]:
         x, y = f.x(p.x), f.y(p.value)
         leftward = x - f.left > f.width * 0.35
         text = "baseline" if p.baseline else label(p.description)
-        angle = math.radians(_angle(down, leftward))
-        ux, uy = math.cos(angle), math.sin(angle)
-        for other in out:
-            if other.leftward != leftward:
-                continue
-            dx, dy = x - other.x, y - other.y
-            along, across = abs(dx * ux + dy * uy), abs(-dx * uy + dy * ux)
-            if across < LINE_PX and along < len(other.text) * CHAR_PX + 8:
-                text = f"#{p.id}"
-                break
+        segment = _segment(x, y, text, down, leftward)
+        if any(_distance(segment, other) < LINE_PX for other in placed):
+            text = f"#{p.id}"
+            segment = _segment(x, y, text, down, leftward)
+        placed.append(segment)
         out.append(_Label(p.id, text, "baseline" if p.baseline else p.description, x, y,
                           leftward))
     return out
+
+
+def _segment(x: float, y: float, text: str, down: bool,
+             leftward: bool) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Where a label's text runs on screen, as a line from the dot."""
+    angle = math.radians(_angle(down, leftward))
+    length = len(text) * CHAR_PX * (-1 if leftward else 1)
+    return (x, y), (x + length * math.cos(angle), y + length * math.sin(angle))
+
+
+def _distance(a: tuple[tuple[float, float], tuple[float, float]],
+              b: tuple[tuple[float, float], tuple[float, float]]) -> float:
+    """The shortest distance between two line segments (0 where they cross)."""
+    def cross(o: tuple[float, float], p: tuple[float, float], q: tuple[float, float]) -> float:
+        return (p[0] - o[0]) * (q[1] - o[1]) - (p[1] - o[1]) * (q[0] - o[0])
+
+    def to_segment(p: tuple[float, float], s: tuple[tuple[float, float],
+                                                    tuple[float, float]]) -> float:
+        (x1, y1), (x2, y2) = s
+        dx, dy = x2 - x1, y2 - y1
+        span = dx * dx + dy * dy
+        t = 0.0 if span == 0 else max(0.0, min(1.0, ((p[0] - x1) * dx + (p[1] - y1) * dy)
+                                                / span))
+        return math.hypot(p[0] - (x1 + t * dx), p[1] - (y1 + t * dy))
+
+    (a1, a2), (b1, b2) = a, b
+    if cross(a1, a2, b1) * cross(a1, a2, b2) < 0 and cross(b1, b2, a1) * cross(b1, b2, a2) < 0:
+        return 0.0
+    return min(to_segment(a1, b), to_segment(a2, b), to_segment(b1, a), to_segment(b2, a))
 
 
 def _angle(down: bool, leftward: bool) -> float:
@@ -444,7 +470,7 @@ def png(rows: list[Row], objective: Objective, path: Path, title: str = "") -> P
         for i, panel in enumerate(shown):
             _png_panel(axes[i][0], panel, objective, title if i == 0 else "", len(shown) > 1)
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, format="png")
     finally:
         plt.close(fig)
     return path

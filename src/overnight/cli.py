@@ -330,6 +330,32 @@ def hypotheses(tag: TagOpt = None, repo: RepoOpt = Path(".")) -> None:
 
 
 @command
+def report(
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the page "
+                      "here (a file name, or a directory to hold it); progress.png goes "
+                      "beside it. Default: .overnight/reports/<tag>/report.html.")] = None,
+    tag: TagOpt = None,
+    repo: RepoOpt = Path("."),
+) -> None:
+    """The morning report: one self-contained HTML page (no network needed to view it) and
+    progress.png beside it.
+
+    The progress chart (every experiment, the running best, kept changes labelled; per
+    hardware class when there are several), the kept improvements with their diffs and
+    measured deltas (± when the judge has it), hypotheses and outcomes, what failed and
+    why, throughput, cost and noise. Verifies the ledger first: exit 3 if it was changed
+    outside overnight.
+    """
+    from overnight.morning import PNG_FILE, write_report
+    from overnight.workspace import Workspace
+
+    ws = Workspace.open(repo)
+    page = write_report(ws, tag, output)
+    console.print(escape(f"wrote {page}"), highlight=False)
+    console.print(escape(f"wrote {page.parent / PNG_FILE}"), highlight=False)
+
+
+@command
 def steer(
     note: Annotated[str, typer.Argument(help="What the proposer should know or try, in words.")],
     tag: Annotated[str | None, typer.Option("--tag", "-t", help="Only for this tag. "
