@@ -106,6 +106,9 @@ def test_a_checkpoint_waits_for_approval_and_notifies(make_repo, cli_env, cli) -
         notified = wait_until(lambda: (repo / "notified.txt").exists()
                               and (repo / "notified.txt").read_text(), 10, "notify")
         assert notified.startswith("checkpoint t"), notified
+        report = Path(notified.split()[2])  # written at the checkpoint, for the person
+        assert report.name == "report.html" and report.is_file()
+        assert (report.parent / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         time.sleep(2.5)
         assert len(rows(repo, "t")) == held, "nothing runs while it waits for approval"
         out = cli("approve", "try a smaller learning rate", cwd=repo)

@@ -153,7 +153,10 @@ class Loop:
                     self.human.notify("baseline_failed", f"tag {self.tag}: {e}")
                 raise
             self.ledger.event(self.tag, "stop", why)
-            self.human.notify("end", f"tag {self.tag} stopped: {why}", self._report_quietly())
+            written = self._report_quietly()
+            if written is not None:
+                self.report.note(f"report: {written}")
+            self.human.notify("end", f"tag {self.tag} stopped: {why}", written)
             return Outcome(self.tag, self._counted(), interrupted, why)
 
     def _loop(self) -> str:

@@ -15,6 +15,7 @@ from overnight import sandbox
 from overnight.errors import ConfigError
 from overnight.executors import cgroups
 from overnight.executors.local import LocalExecutor, resolve_slots
+from overnight.morning import write_report
 from overnight.proposers import make_proposer
 from overnight.proposers.prompt import program_conflicts
 from overnight.report import ConsoleReporter
@@ -86,7 +87,8 @@ def run_loop(ws: Workspace, console: Console, tag: str | None = None,
                         spec, files, ws.repo, scratch),
                     max_experiments=max_experiments, reporter=reporter,
                     runs_root=runs, accept_spec_change=accept_spec_change, data=ws.data(),
-                    results_tsv=ws.results_tsv())
+                    results_tsv=ws.results_tsv(),
+                    write_report=lambda: write_report(ws, tag))
         try:
             with reporter:
                 return loop.run()
