@@ -23,7 +23,7 @@ app = typer.Typer(
     name="overnight",
     help="Autonomous research loops you can leave alone overnight: a proposer edits your "
     "script, every candidate runs under a fixed budget, real improvements are kept on the "
-    "git branch overnight/<tag>, and everything is recorded in .overnight/ledger.sqlite.",
+    "git branch overnight/TAG, and everything is recorded in .overnight/ledger.sqlite.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -35,7 +35,7 @@ err_console = Console(stderr=True, soft_wrap=True)
 RepoOpt = Annotated[Path, typer.Option("--repo", "-C", help="Repository to work in.",
                                        show_default=False)]
 TagOpt = Annotated[str | None, typer.Option("--tag", "-t",
-                   help="Loop tag (branch overnight/<tag>). Default: the most recent tag.")]
+                   help="Loop tag (branch overnight/TAG). Default: the most recent tag.")]
 
 
 def _version(value: bool) -> None:
@@ -333,7 +333,7 @@ def hypotheses(tag: TagOpt = None, repo: RepoOpt = Path(".")) -> None:
 def report(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the page "
                       "here (a file name, or a directory to hold it); progress.png goes "
-                      "beside it. Default: .overnight/reports/<tag>/report.html.")] = None,
+                      "beside it. Default: .overnight/reports/TAG/report.html.")] = None,
     tag: TagOpt = None,
     repo: RepoOpt = Path("."),
 ) -> None:
