@@ -176,6 +176,8 @@ def test_output_to_a_file_or_a_directory_and_the_errors(night, tmp_path):
     out = run_cli("report", "-t", TAG, "-o", str(tmp_path / "nowhere" / "r.html"), cwd=night)
     assert out.returncode == 2
     assert "nowhere does not exist" in out.stderr and "mkdir -p" in out.stderr
+    out = run_cli("report", "-t", TAG, "-o", str(tmp_path / "progress.png"), cwd=night)
+    assert out.returncode == 2 and "name the page otherwise" in out.stderr
     out = run_cli("report", "-t", "nosuch", cwd=night)
     assert out.returncode == 2
     assert "no experiments with tag 'nosuch'; tags: t" in out.stderr

@@ -267,7 +267,8 @@ def _classes(rows: list[Row], objective: Objective, reference: str | None) -> li
         keeps = [p for p in panel.points if p.status == Status.KEEP and not p.baseline]
         best = keeps[-1] if keeps else None
         pct = None
-        if base is not None and best is not None and base.value and best.value is not None:
+        if base is not None and best is not None and base.value is not None \
+                and best.value is not None:
             pct = judge.improvement_pct(objective, base.value, best.value)
         out.append({"hw_class": panel.hw_class, "reference": panel.hw_class == reference,
                     "runs": sum(1 for r in rows if r.hw_class == panel.hw_class
@@ -289,6 +290,9 @@ def report_paths(ws: Workspace, tag: str, out: Path | None) -> tuple[Path, Path]
         return folder / REPORT_FILE, folder / PNG_FILE
     if out.is_dir():
         return out / REPORT_FILE, out / PNG_FILE
+    if out.name == PNG_FILE:
+        raise ConfigError(f"-o {out}: the chart is written as {PNG_FILE} beside the page: "
+                          "name the page otherwise, e.g. report.html")
     if not out.parent.is_dir():
         raise ConfigError(f"-o {out}: the directory {out.parent} does not exist: create it "
                           f"(`mkdir -p {out.parent}`) or write the report somewhere else")
