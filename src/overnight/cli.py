@@ -530,6 +530,52 @@ def diff(experiment_id: Annotated[int, typer.Argument(metavar="ID")],
 
 
 @command
+def finalize(
+    tag: TagOpt = None,
+    verify: Annotated[int | None, typer.Option(
+        min=1, metavar="N", help="First run the final tree and the baseline N times each, "
+        "alternating, in the tag's box and budget, and report the gain with its "
+        "uncertainty (recorded in the ledger as a finalize_verify event; the tag's "
+        "decisions do not change).")] = None,
+    force: Annotated[bool, typer.Option(help="Replace the branches an earlier finalize of "
+                     "the tag made (without it they are left alone, and finalize exits 2 "
+                     "when they differ).")] = False,
+    repo: RepoOpt = Path("."),
+) -> None:
+    """Turn a tag's kept improvements into branches to review, from its baseline's commit.
+
+    overnight-final/TAG: one commit per kept improvement, in order, each the diff against
+    the one before, with its measured delta in the message. overnight-final/TAG-N-SLUG:
+    change N alone on the baseline, for each change that applies without the ones before.
+    Only refs are written: your working tree, index and checked-out branch stay as they are.
+    Nothing is pushed anywhere: the branches are yours to push.
+    """
+    from overnight import finalize as fin
+    from overnight.workspace import Workspace
+
+    ws = Workspace.open(repo)
+    objective = ws.spec.objective
+    ledger = ws.ledger()
+    try:
+        plan = fin.plan(ws.repo, ledger, objective, tag)
+        for note in plan.notes:
+            console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+        fin.check(ws.repo, plan, force)
+        if verify:
+            def say(text: str) -> None:
+                console.print(escape(text), highlight=False)
+
+            gain = fin.verify(ws, ledger, plan, verify, console, say)
+            for line in fin.describe_gain(objective, plan, gain):
+                console.print(escape(line), highlight=False)
+        written, removed = fin.write(ws.repo, plan)
+    finally:
+        ledger.close()
+    for line in fin.describe(plan, written, removed, objective):
+        console.print(escape(line), highlight=False)
+
+
+@command
 def demo(
     directory: Annotated[Path, typer.Argument(help="Where to create the demo repository.")]
     = Path("overnight-demo"),

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
 import zlib
@@ -214,13 +215,16 @@ class Repo:
     # -- running git ---------------------------------------------------------
 
     def git(self, *args: str, input: bytes | None = None, check: bool = True,
-            work_tree: Path | None = None) -> str:
-        return self.git_bytes(*args, input=input, check=check,
-                              work_tree=work_tree).decode(errors="replace").rstrip("\n")
+            work_tree: Path | None = None, index: Path | None = None) -> str:
+        return self.git_bytes(*args, input=input, check=check, work_tree=work_tree,
+                              index=index).decode(errors="replace").rstrip("\n")
 
     def git_bytes(self, *args: str, input: bytes | None = None, check: bool = True,
-                  work_tree: Path | None = None) -> bytes:
+                  work_tree: Path | None = None, index: Path | None = None) -> bytes:
+        """`index`: a temporary index file to use instead of the user's (GIT_INDEX_FILE)."""
         argv, env = git_command(self.root, *args, work_tree=work_tree)
+        if index is not None:
+            env["GIT_INDEX_FILE"] = str(index)
         proc = subprocess.run(argv, cwd=self.root, input=input, capture_output=True, env=env,
                               check=False)
         if check and proc.returncode != 0:
@@ -423,19 +427,43 @@ class Repo:
             out[oid] = data
         return out
 
-    def commit_tree(self, tree: str, parent: str, message: str) -> str:
-        sha = self._commit_tree(tree, parent, message)
+    def commit_tree(self, tree: str, parent: str, message: str,
+                    when: float | None = None) -> str:
+        """A commit of `tree` on `parent`, by overnight. `when`: its date (default now); the
+        same tree, parent, message and date make the same commit."""
+        sha = self._commit_tree(tree, parent, message, when)
         self._commit_trees[sha] = tree
         return sha
 
-    def _commit_tree(self, tree: str, parent: str, message: str) -> str:
-        if self._loose_objects() is None:
+    def _commit_tree(self, tree: str, parent: str, message: str, when: float | None) -> str:
+        if self._loose_objects() is None and when is None:
             return self.git("commit-tree", tree, "-p", parent, input=message.encode())
-        stamp = f"{int(time.time())} +0000"
+        stamp = f"{int(time.time() if when is None else when)} +0000"
         who = f"{_IDENTITY['GIT_COMMITTER_NAME']} <{_IDENTITY['GIT_COMMITTER_EMAIL']}> {stamp}"
         body = message if message.endswith("\n") else message + "\n"
         text = f"tree {tree}\nparent {parent}\nauthor {who}\ncommitter {who}\n\n{body}"
         return self._write("commit", text.encode())
+
+    def patch(self, a: str, b: str) -> bytes:
+        """The change from tree (or commit) `a` to `b` as a patch `git apply` takes back,
+        whatever the repository's diff settings (prefixes, context, colour, renames)."""
+        return self.git_bytes("diff", "--binary", "--full-index", "--no-ext-diff",
+                              "--no-textconv", "--no-color", "--no-renames", "--no-relative",
+                              "--src-prefix=a/", "--dst-prefix=b/", "-U3", a, b)
+
+    def apply_to(self, tree: str, patch: bytes) -> str | None:
+        """The tree `tree` with `patch` applied, or None when it does not apply cleanly. Done
+        in a temporary index (read-tree, apply --cached, write-tree): the user's index and
+        working tree are never read or written."""
+        with tempfile.TemporaryDirectory(prefix="overnight-index-") as tmp:
+            index = Path(tmp) / "index"
+            self.git("read-tree", tree, index=index)
+            try:
+                self.git_bytes("apply", "--cached", "--whitespace=nowarn", input=patch,
+                               index=index)
+            except GitError:  # a context line or a file it changes is not there
+                return None
+            return self.git("write-tree", index=index)
 
     def set_ref(self, name: str, sha: str) -> None:
         self.git("update-ref", name, sha)
