@@ -146,3 +146,31 @@ def test_a_slow_model_keeps_the_slots_busy(tmp_path: Path, api: FakeAPI, cli):
     # gaps stay far below the model's 0.7 s.
     gaps = [b["started_at"] - a["finished_at"] for a, b in zip(ran[1:], ran[2:], strict=False)]
     assert max(gaps) < 0.4, gaps
+
+
+def test_a_keep_decided_after_a_newer_one_is_the_incumbent(tmp_path: Path, api: FakeAPI, cli):
+    """Two slots: #3 (fast) is kept first, then #2 (slow) beats it and is kept: #2 is the
+    incumbent, its id notwithstanding, and the branch stays at it across a resume."""
+    train = TRAIN.replace("WARMUP = 10\n",
+                          "WARMUP = 10\ntime.sleep(3 if LEARNING_RATE > 0.0032 else 0.1)\n")
+    toml = spec(api.base_url).replace("prefetch = 0", "max_concurrent = 1").replace(
+        "[run]\n", "[run]\nparallel = 2\n")  # one proposal at a time: #2 is the first answer
+    repo = create_repo(tmp_path / "r", {"train.py": train}, toml)
+    api.answer(lr_answer("0.0035", hypothesis="slow and best"))  # val_loss 1.05, slow
+    api.answer(lr_answer("0.003", hypothesis="fast and better"))  # 1.1, fast
+    out = cli("run", "-t", TAG, "-n", "3", cwd=repo, env={"OPENAI_API_KEY": "k"}, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rs = {r["id"]: r for r in rows(repo, TAG)}
+    assert [rs[i]["status"] for i in (1, 2, 3)] == ["keep"] * 3
+    assert rs[2]["decided_at"] > rs[3]["decided_at"], "the slow one was kept last"
+    tip = git(repo, "rev-parse", f"overnight/{TAG}")
+    assert tip == rs[2]["kept_commit"]
+    assert "best        #2" in cli("status", cwd=repo).stdout
+    # Resumed: the branch is where it was, and the proposer works on #2's files.
+    api.answer(lr_answer("0.0038", hypothesis="a little further").replace(
+        "LEARNING_RATE = 0.002\n=", "LEARNING_RATE = 0.0035\n="))
+    out = cli("run", "-t", TAG, "-n", "4", cwd=repo, env={"OPENAI_API_KEY": "k"}, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    four = rows(repo, TAG)[3]
+    assert four["status"] == "keep" and four["parent"] == rs[2]["commit_sha"], four
+    assert git(repo, "rev-parse", f"overnight/{TAG}") == four["kept_commit"]

@@ -49,6 +49,7 @@ def night(tmp_path_factory: pytest.TempPathFactory) -> Path:
                           parent=kept["parent"], commit_sha=kept["commit_sha"], metric=metric,
                           reason=HOSTILE, started_at=kept["finished_at"] + 1,
                           finished_at=kept["finished_at"] + 2, slot=0,
+                          decided_at=kept["decided_at"] + 2,
                           kept_commit=kept["kept_commit"] if status == "keep" else None)
     finally:
         ledger.close()
@@ -88,11 +89,11 @@ def test_the_report_renders_in_chromium_and_lists_the_kept_experiments(night, wr
         assert ids == {r["id"] for r in plotted(night)}
         crashes = [r["id"] for r in rows(night, TAG) if r["status"] == "crash"]
         assert pg.locator("svg g.failed").count() == len(crashes)
-        kept = [r["id"] for r in rows(night, TAG) if r["status"] == "keep"
-                and not r["is_baseline"]]
+        kept = [r["id"] for r in sorted(rows(night, TAG), key=lambda r: (
+            r["decided_at"] or 0, r["id"])) if r["status"] == "keep" and not r["is_baseline"]]
         assert pg.locator("svg .kept-label").count() == len(kept)
         assert pg.locator("svg .kept-label").first.is_visible()
-        # The table lists exactly the kept experiments, in order, each with its diff.
+        # The table lists exactly the kept experiments, in the order kept, each with its diff.
         table_ids = [int(x) for x in pg.locator("#kept tbody tr").evaluate_all(
             "rows => rows.map(r => r.dataset.id)")]
         assert table_ids == kept

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.text import Text
 
 from overnight.human import loop_pid
-from overnight.ledger import Ledger, Row
+from overnight.ledger import Ledger, Row, keeps_in_order
 from overnight.report import _label, result_line
 from overnight.spec import Objective
 from overnight.status import FINAL, Status
@@ -101,7 +101,7 @@ def follow(ledger_of, state: Path, tag: str, objective: Objective,  # noqa: ANN0
 
 def _print_changes(console: Console, objective: Objective, rows: list[Row],
                    seen: dict[int, str]) -> None:
-    keeps = [r for r in rows if r.status == Status.KEEP]
+    keeps = keeps_in_order(rows)
     baseline = next((r for r in reversed(keeps) if r.is_baseline), None)
     best = keeps[-1] if keeps else None
     done = sum(1 for r in rows if r.status in FINAL and r.status not in (Status.REJECTED,

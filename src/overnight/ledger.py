@@ -74,7 +74,8 @@ CREATE TABLE IF NOT EXISTS experiments (
     runs          INTEGER NOT NULL DEFAULT 0,
     spread        REAL,
     noise         REAL,
-    hw_class      TEXT NOT NULL DEFAULT ''
+    hw_class      TEXT NOT NULL DEFAULT '',
+    decided_at    REAL
 );
 CREATE INDEX IF NOT EXISTS experiments_tag ON experiments(tag, status);
 CREATE TABLE IF NOT EXISTS notes (
@@ -147,6 +148,9 @@ class Row:
     spread: float | None = None
     noise: float | None = None
     hw_class: str = ""  # the hardware class it ran on (or must run on, while queued)
+    # When the loop decided it: keeps are ordered by this, not by id (with parallel slots an
+    # older candidate can be kept after a newer one, and then it is the incumbent).
+    decided_at: float | None = None
     extra: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -202,6 +206,7 @@ _ADDED_COLUMNS = {
     "spread": "REAL",
     "noise": "REAL",
     "hw_class": "TEXT NOT NULL DEFAULT ''",
+    "decided_at": "REAL",
 }
 _COLUMNS = [f.name for f in fields(Row) if f.name != "extra"]
 
@@ -621,8 +626,10 @@ class Ledger:
         return [_to_row(r) for r in self.db.execute(sql + " ORDER BY id", args)]
 
     def last(self, tag: str, status: str) -> Row | None:
+        """The row of that status decided last (the incumbent, for "keep")."""
         r = self.db.execute(
-            "SELECT * FROM experiments WHERE tag = ? AND status = ? ORDER BY id DESC LIMIT 1",
+            "SELECT * FROM experiments WHERE tag = ? AND status = ? "
+            "ORDER BY COALESCE(decided_at, 0) DESC, id DESC LIMIT 1",
             (tag, status),
         ).fetchone()
         return _to_row(r) if r else None
@@ -797,6 +804,13 @@ def _head_check(replay: _Replay, head: tuple[int, str] | None, where: Path | Non
 
 
 # -- exports ------------------------------------------------------------------
+
+def keeps_in_order(rows: list[Row]) -> list[Row]:
+    """The kept rows in the order they were kept (the last one is the incumbent), which is
+    not always the order of their ids."""
+    return sorted((r for r in rows if r.status == Status.KEEP),
+                  key=lambda r: (r.decided_at or 0.0, r.id))
+
 
 def export_tsv(rows: list[Row], metric: str) -> str:
     """The karpathy/autoresearch results.tsv: commit, metric, memory_gb, status, description.

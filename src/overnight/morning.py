@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from overnight import chart, judge
 from overnight.errors import ConfigError
-from overnight.ledger import Ledger, Row
+from overnight.ledger import Ledger, Row, keeps_in_order
 from overnight.pins import pinned_spec, spec_record
 from overnight.spec import Objective, Spec
 from overnight.status import MEASURED, NOT_COUNTED, Status
@@ -52,7 +52,7 @@ def summary(ledger: Ledger, tag: str, spec: Spec) -> dict:
     cands = chart.candidates(counted)
     baseline = next((r for r in reversed(counted) if r.is_baseline and r.status == Status.KEEP),
                     None)
-    kept = [r for r in counted if r.status == Status.KEEP and not r.is_baseline]
+    kept = [r for r in keeps_in_order(counted) if not r.is_baseline]
     return {
         "tag": tag,
         "generated_at": _when(dt.datetime.now().timestamp()),

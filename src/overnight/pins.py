@@ -7,7 +7,7 @@ import json
 from collections.abc import Callable
 
 from overnight.errors import ConfigError, IntegrityHalt
-from overnight.ledger import Ledger
+from overnight.ledger import Ledger, keeps_in_order
 from overnight.snapshot import Repo, branch_ref
 from overnight.spec import Spec
 
@@ -55,7 +55,7 @@ def check_branch(repo: Repo, ledger: Ledger, tag: str, note: Callable[[str], Non
     between the ledger write and the ref update (repaired); any other commit was put
     there by someone else: the branch is reset and the loop halts."""
     rows = ledger.experiments(tag)
-    keeps = [r.kept_commit for r in rows if r.status == "keep" and r.kept_commit]
+    keeps = [r.kept_commit for r in keeps_in_order(rows) if r.kept_commit]
     baselines = [r.kept_commit for r in rows if r.is_baseline and r.kept_commit]
     expected = (keeps or baselines or [None])[-1]
     if expected is None:

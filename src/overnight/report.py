@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from overnight import judge
-from overnight.ledger import Ledger, Row
+from overnight.ledger import Ledger, Row, keeps_in_order
 from overnight.metrics import tail
 from overnight.spec import Judge as JudgeSpec
 from overnight.spec import Objective
@@ -198,7 +198,7 @@ def status_view(ledger: Ledger, tag: str, objective: Objective,
     repeats = [r for r in ran if r.repeat_of is not None]
     uncounted = [r for r in rows if r.status in NOT_COUNTED - ACTIVE]
     baseline = next((r for r in reversed(rows) if r.is_baseline and r.status == "keep"), None)
-    keeps = [r for r in rows if r.status == "keep"]
+    keeps = keeps_in_order(rows)
     best = keeps[-1] if keeps else None
     lines: list = [Text(f"tag {tag}: {_plural(len(ran), 'run')}: "
                         f"{_plural(len(candidates), 'candidate')}, "

@@ -1010,7 +1010,7 @@ class Loop:
             # has its pin (one written by a start that died before this point binds nothing).
             self._pin_spec()
         update = dict(status=decision.status, delta=decision.delta, reason=decision.reason,
-                      **_stats(decision), **facts)
+                      decided_at=time.time(), **_stats(decision), **facts)
         if decision.status == Status.KEEP:
             # The baseline is kept as itself: its number is what brings the tag (and its
             # branch) into being.
@@ -1181,7 +1181,7 @@ class Loop:
         return row
 
     def _incumbent(self) -> Row | None:
-        return self.ledger.last(self.tag, "keep")  # each keep beats the one before
+        return self.ledger.last(self.tag, "keep")  # each keep beats the one kept before
 
     def _baseline(self) -> Row | None:
         return self._rows.get(self._baseline_id) if self._baseline_id else None

@@ -37,7 +37,7 @@ from starlette.routing import Route
 
 from overnight.errors import ConfigError
 from overnight.human import ACTIONS, loop_state, request
-from overnight.ledger import Row
+from overnight.ledger import Row, keeps_in_order
 from overnight.status import Status
 from overnight.workspace import LEDGER_FILE, Workspace, default_tag
 
@@ -105,7 +105,7 @@ class Dash:
         finally:
             ledger.close()
         objective = self.ws.spec.objective
-        keeps = [r for r in rows if r.status == Status.KEEP]
+        keeps = keeps_in_order(rows)
         baseline = next((r for r in reversed(keeps) if r.is_baseline), None)
         return {
             "tag": tag, "tags": tags, "metric": objective.metric,
