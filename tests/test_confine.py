@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -225,10 +226,34 @@ def test_bad_configs_are_refused_before_launch_naming_the_key():
         argv({"landlock": {"write": "/tmp"}}, ["/bin/true"])
 
 
-def test_slot_ids_are_distinct_unprivileged_and_bounded():
-    ids = [slot_ids(slot) for slot in range(SLOT + 1)]
-    assert len({uid for uid, _ in ids}) == len(ids)
-    assert all(uid == gid and SLOT_UID_BASE <= uid <= SLOT_UID_LAST for uid, gid in ids)
-    for slot in (-1, SLOT + 1):
-        with pytest.raises(ValueError, match="slot"):
-            slot_ids(slot)
+CLAIM = ("import sys; from overnight._confine.uids import slot_ids; "
+         "print(*[slot_ids(s)[0] for s in range(3)], flush=True); sys.stdin.read()")
+
+
+def _claimant() -> tuple[subprocess.Popen, list[int]]:
+    """A harness (another process) holding the uids of its slots 0-2 until its stdin closes."""
+    proc = subprocess.Popen([sys.executable, "-c", CLAIM], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    return proc, [int(u) for u in proc.stdout.readline().split()]
+
+
+def test_each_harness_claims_uids_no_other_live_one_holds():
+    # Two loops on one machine never share a slot uid: neither kills the other's runs.
+    a, a_uids = _claimant()
+    b, b_uids = _claimant()
+    try:
+        assert len(set(a_uids)) == 3 and not set(a_uids) & set(b_uids)
+        assert all(SLOT_UID_BASE <= u <= SLOT_UID_LAST for u in a_uids + b_uids)
+        assert slot_ids(0) == slot_ids(0) and slot_ids(0)[0] not in a_uids + b_uids
+    finally:
+        a.stdin.close()
+        a.wait(timeout=10)
+    c, c_uids = _claimant()  # a dead harness's uids are free again
+    try:
+        assert c_uids[0] == a_uids[0] and not set(c_uids) & set(b_uids)
+    finally:
+        for p in (b, c):
+            p.stdin.close()
+            p.wait(timeout=10)
+
+

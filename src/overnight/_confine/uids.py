@@ -9,12 +9,18 @@ leftovers of a slot's uid before starting the next run on it.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import select
 import signal
+import stat
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
+
+from overnight.errors import OvernightError
 
 # systemd's uid conventions (systemd.io/UIDS-GIDS) leave 60578-61183 unassigned: above
 # regular users (1000-60000), systemd-homed and nspawn's bind-users, below DynamicUser=
@@ -38,13 +44,51 @@ except ProcessLookupError:
 """
 
 
+# Each harness claims its slots' uids, one lock file per uid held for as long as it lives:
+# two loops on one machine (two repositories, two tags) never share a uid, so neither kills
+# the other's runs when it ends its own, nor can one's experiment reach the other's files.
+# The OS drops a dead harness's locks; the next claimant kills what it left running.
+CLAIMS = Path(os.environ.get("OVERNIGHT_UID_CLAIMS")
+              or ("/run/lock" if os.path.isdir("/run/lock") else "/tmp")) / "overnight-uids"
+_claimed: dict[int, tuple[int, int]] = {}  # slot -> (uid, the lock's descriptor)
+_claiming = threading.Lock()
+
+
 def slot_ids(slot: int) -> tuple[int, int]:
-    """(uid, gid) of slot `slot` (0-based): SLOT_UID_BASE + slot for both."""
-    uid = SLOT_UID_BASE + slot
-    if slot < 0 or uid > SLOT_UID_LAST:
-        raise ValueError(f"slot {slot} has no uid: slots run 0 to "
-                         f"{SLOT_UID_LAST - SLOT_UID_BASE} (uids {SLOT_UID_BASE}-{SLOT_UID_LAST})")
-    return uid, uid
+    """(uid, gid) of slot `slot` of this harness: a uid of SLOT_UID_BASE..SLOT_UID_LAST that
+    no other live harness on this machine holds, the same for the slot while this one runs."""
+    with _claiming:
+        if slot in _claimed:
+            uid = _claimed[slot][0]
+            return uid, uid
+        folder = _claims_folder()
+        taken = {uid for uid, _ in _claimed.values()}
+        for uid in range(SLOT_UID_BASE, SLOT_UID_LAST + 1):
+            if uid in taken:
+                continue
+            fd = os.open(folder / str(uid), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            _claimed[slot] = (uid, fd)
+            return uid, uid
+    raise OvernightError(f"every slot uid ({SLOT_UID_BASE}-{SLOT_UID_LAST}) is held by other "
+                         "overnight loops on this machine: stop one, or use fewer slots")
+
+
+def _claims_folder() -> Path:
+    """The claims' folder: root's alone (a run, another uid, must not be able to hold or
+    remove a claim)."""
+    CLAIMS.mkdir(mode=0o700, parents=False, exist_ok=True)
+    st = os.lstat(CLAIMS)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise OvernightError(f"{CLAIMS} must be a directory of this user's with mode 0700 (it "
+                             "records which slot uids each overnight loop holds): remove it "
+                             "and run again")
+    return CLAIMS
 
 
 def procs_of_uid(uid: int) -> list[int]:
