@@ -260,7 +260,9 @@ try:
     print("NET reached")
 except OSError as e:
     print("NET blocked", type(e).__name__)
-for path in ("/tmp/probe", "/dev/shm/probe", "probe.txt",
+# /dev/shm is shared by the runs of sandbox "user" (each its own uid): a name of its own.
+SHM = f"/dev/shm/probe-{os.getpid()}"
+for path in ("/tmp/probe", SHM, "probe.txt",
              os.path.join(os.environ["OVERNIGHT_ARTIFACTS"], "probe.txt"), "/usr/probe",
              "/etc/probe", os.path.expanduser("~/probe"), "/var/tmp/probe"):
     try:
@@ -268,6 +270,8 @@ for path in ("/tmp/probe", "/dev/shm/probe", "probe.txt",
         print("WRITE ok", path)
     except OSError as e:
         print("WRITE refused", path, type(e).__name__)
+if os.path.exists(SHM):
+    os.unlink(SHM)
 print(f"val_loss: {1.0 + abs(LEARNING_RATE - 0.004) * 100:.6f}")
 """
 
