@@ -362,7 +362,8 @@ def run_overnight(root: Path, n: int, parallel: int, command: str, env: dict[str
 
 # -- a tag 10,000 experiments deep -----------------------------------------------------------
 
-def prefill(root: Path, spec: Spec, path: Path, count: int, seed: int) -> int:
+def prefill(root: Path, spec: Spec, path: Path, count: int, seed: int,
+            head: Path | None = None) -> int:
     """Give tag `bench` a history of `count` finished experiments, as a long random search
     leaves it; returns the last id written.
 
@@ -371,7 +372,7 @@ def prefill(root: Path, spec: Spec, path: Path, count: int, seed: int) -> int:
     fast-import` for all of them), each keep on the branch, confirmed by a repeat row.
     """
     repo = Repo(root)
-    ledger = Ledger(path)
+    ledger = Ledger(path, head=head)  # head: where a Workspace keeps the chain's head
     executor = LocalExecutor(1, [])
     try:
         Loop(repo, spec, ledger, executor, TAG,

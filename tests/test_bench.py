@@ -56,3 +56,9 @@ def test_scale_compares_one_model_call_at_a_time_with_concurrent_proposals():
     for row in ("SkyPilot (16 GPUs)", "one call at a time", "concurrent", "limit (4 slots)"):
         assert row in text, text
     assert "target: >= 95% busy" in text
+
+
+def test_morning_times_the_report_and_the_page_against_export():
+    text = bench(str(BENCH / "morning.py"), "--rows", "40")
+    assert "export (baseline)" in text and "dash state" in text, text
+    assert "page refresh" in text, text
