@@ -43,12 +43,16 @@ def test_detach_returns_once_the_loop_holds_its_tag(make_repo, cli) -> None:
     from conftest import alive
 
     repo = make_repo({"train.py": train_py(0.001, SLOW)}, spec_toml("perturb"))
-    out = cli("run", "--detach", "-t", "t", "-n", "5", cwd=repo)
+    port = _free_port()
+    out = cli("run", "--detach", "-t", "t", "-n", "5", "--dash", "--dash-port", str(port),
+              cwd=repo)
     assert out.returncode == 0, out.stdout + out.stderr
+    token = (repo / ".overnight" / "dash.token").read_text().strip()
+    assert f"dashboard: http://127.0.0.1:{port}/#token={token}" in out.stdout
     assert "in the background" in out.stdout and "status --follow" in out.stdout
     pid = int(out.stdout.split("(pid ")[1].split(")")[0])
     assert alive(pid) and os.getsid(pid) == pid  # a session of its own: no terminal to lose
-    assert psutil.Process(pid).cmdline()[-4:] == ["-t", "t", "-n", "5"]
+    assert psutil.Process(pid).cmdline()[-7:-3] == ["-t", "t", "-n", "5"]
     again = cli("run", "--detach", "-t", "t", "-n", "5", cwd=repo)
     assert again.returncode == 2 and "another `overnight run`" in again.stderr, again.stderr
     follow = cli("status", "--follow", "-t", "t", cwd=repo, timeout=120)
@@ -56,6 +60,7 @@ def test_detach_returns_once_the_loop_holds_its_tag(make_repo, cli) -> None:
     assert "following tag t" in follow.stdout and "the loop stopped" in follow.stdout
     assert "stop: reached 5 runs" in follow.stdout, follow.stdout
     assert "keep" in follow.stdout or "discard" in follow.stdout
+    assert "loop        pid" in follow.stdout  # status says a loop runs the tag
     wait_until(lambda: not alive(pid), 10, "the loop to exit")
     assert len([r for r in rows(repo, "t") if r["status"] in ("keep", "discard")]) == 5
     assert "stopped: reached 5 runs" in (repo / ".overnight" / "run.log").read_text()
@@ -68,3 +73,11 @@ def test_detach_says_why_a_loop_did_not_start(make_repo, cli) -> None:
     repo = make_repo({"train.py": train_py()}, toml)
     out = cli("run", "--detach", "-n", "2", cwd=repo)
     assert out.returncode == 2 and "nope.py" in out.stderr, out.stdout + out.stderr
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -203,7 +203,8 @@ def run(
 
         argv = [a for a in sys.argv[sys.argv.index("run") + 1:] if a != "--detach"] \
             if "run" in sys.argv else []
-        raise typer.Exit(start_detached(ws.state, argv, ws.ledger, console, err_console))
+        raise typer.Exit(start_detached(ws.state, argv, ws.ledger, console, err_console,
+                                        dash_port if dash else None))
     server = _dash_server(ws, tag, "127.0.0.1", dash_port) if dash else None
     with outliving(console, err_console, ws.repo.root / STATE_DIR / "run.log"):
         if server is not None:
@@ -266,6 +267,7 @@ def status(
     finally:
         ledger.close()
     _summary(ws, tag)
+    _loop_line(ws, tag)
     if follow:
         from overnight.follow import follow as follow_loop
 
@@ -273,6 +275,28 @@ def status(
             follow_loop(ws.ledger, ws.state, tag, ws.spec.objective, console)
         except KeyboardInterrupt:
             pass
+
+
+def _loop_line(ws, tag: str) -> None:  # noqa: ANN001
+    """Whether a loop runs the tag now, and whether it is paused or waits for approval."""
+    from overnight.human import loop_pid, loop_state
+
+    pid = loop_pid(ws.state, tag)
+    if pid is None:
+        console.print("  loop        not running (`overnight run` resumes the tag)")
+        return
+    ledger = ws.ledger()
+    try:
+        state = loop_state(ledger, tag)
+    finally:
+        ledger.close()
+    if state.checkpoint:
+        how = f"waiting at a checkpoint ({state.checkpoint}): `overnight approve` goes on"
+    elif state.paused:
+        how = "paused: what ran has finished or will; `overnight unpause` goes on"
+    else:
+        how = "running"
+    console.print(escape(f"  loop        pid {pid}, {how}"), highlight=False)
 
 
 @command

@@ -28,7 +28,7 @@ SAID_EVENTS = {"paused", "unpaused", "checkpoint", "approved", "stuck", "halt", 
 
 
 def detach(state: Path, argv: list[str], ledger_of, console: Console,  # noqa: ANN001
-           err_console: Console) -> int:
+           err_console: Console, dash_port: int | None = None) -> int:
     """Start `overnight run argv` in its own session, its output in .overnight/run.log; come
     back once it holds its tag's lock and passed its preflight (its `start` event), or say
     why it did not. The exit code to return."""
@@ -51,11 +51,26 @@ def detach(state: Path, argv: list[str], ledger_of, console: Console,  # noqa: A
                           f"output goes to {state / 'run.log'}", highlight=False)
             console.print(f"follow it: `overnight status --follow --tag {tag}`; stop it: "
                           f"`overnight stop --tag {tag}`", highlight=False)
+            if dash_port is not None:
+                console.print(_dash_address(state, dash_port), highlight=False)
             return 0
         time.sleep(0.2)
     console.print(f"the loop (pid {proc.pid}) is still starting after {START_WAIT_SECONDS} s: "
                   f"see {state / 'run.log'}")
     return 0
+
+
+def _dash_address(state: Path, port: int) -> str:
+    """The detached loop's dashboard: its token is written before the loop starts."""
+    from overnight.dashboard import TOKEN_FILE
+
+    try:
+        token = (state / TOKEN_FILE).read_text().strip()
+    except OSError:
+        token = ""
+    if port == 0 or not token:
+        return f"dashboard: its address is in {state / 'run.log'}"
+    return f"dashboard: http://127.0.0.1:{port}/#token={token}"
 
 
 def _started(ledger_of, pid: int) -> str | None:  # noqa: ANN001
