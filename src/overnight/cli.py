@@ -283,7 +283,7 @@ def _loop_line(ws, tag: str) -> None:  # noqa: ANN001
 
     pid = loop_pid(ws.state, tag)
     if pid is None:
-        console.print("  loop        not running (`overnight run` resumes the tag)")
+        console.print("  loop        stopped (`overnight run` resumes the tag)")
         return
     ledger = ws.ledger()
     try:
