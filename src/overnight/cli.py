@@ -252,7 +252,7 @@ def status(
 
     Verifies the ledger first: exit 3 if it was changed outside overnight.
     """
-    from overnight.workspace import Workspace, default_tag
+    from overnight.workspace import Workspace, known_tag
 
     ws = Workspace.open(repo)
     ledger = ws.ledger()
@@ -261,9 +261,7 @@ def status(
         if not ledger.tags():
             console.print("no experiments yet: start with `overnight run`")
             return
-        tag = tag or default_tag(ledger)
-        if tag not in ledger.tags():
-            raise ConfigError(f"no experiments with tag '{tag}'; tags: {', '.join(ledger.tags())}")
+        tag = known_tag(ledger, tag)
     finally:
         ledger.close()
     _summary(ws, tag)
@@ -421,15 +419,14 @@ def dash(
     the token it prints (also in .overnight/dash.token, readable by you only); the URL it
     prints carries it. The page runs no command and shows nothing secret.
     """
-    from overnight.workspace import Workspace
+    from overnight.workspace import Workspace, known_tag
 
     ws = Workspace.open(repo)
     ledger = ws.ledger()
     try:
         ledger.verify()  # exit 3 on a ledger changed behind overnight's back
-        if tag is not None and tag not in ledger.tags():
-            raise ConfigError(f"no experiments with tag '{tag}'; tags: "
-                              f"{', '.join(ledger.tags()) or 'none yet'}")
+        if tag is not None:
+            known_tag(ledger, tag)
     finally:
         ledger.close()
     server = _dash_server(ws, tag, host, port)

@@ -41,7 +41,7 @@ from overnight.snapshot import Repo, branch_ref
 from overnight.spec import Objective
 from overnight.status import Status
 from overnight.text import printable
-from overnight.workspace import default_tag, ref_name_problem
+from overnight.workspace import known_tag, ref_name_problem
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -114,12 +114,7 @@ def plan(repo: Repo, ledger: Ledger, objective: Objective, tag: str | None) -> P
     """The branches of a tag's kept chain, as commits; ConfigError for a tag with nothing to
     finalize, IntegrityHalt for a ledger changed outside overnight."""
     ledger.verify()
-    tags = ledger.tags()
-    if not tags:
-        raise ConfigError("no experiments yet: start with `overnight run`")
-    tag = tag or default_tag(ledger)
-    if tag not in tags:
-        raise ConfigError(f"no experiments with tag '{tag}'; tags: {', '.join(tags)}")
+    tag = known_tag(ledger, tag)
     rows = ledger.experiments(tag)
     base = next((r for r in reversed(rows) if r.is_baseline and r.status == Status.KEEP), None)
     if base is None or not base.commit_sha:
@@ -143,7 +138,7 @@ def plan(repo: Repo, ledger: Ledger, objective: Objective, tag: str | None) -> P
             f"(`git branch -D {chain.name}`) and run again; finalizing '{owner}' again will "
             "leave that name to this tag")
     alone_ones, alone = _independent(repo, objective, tag, base, changes,
-                                     _taken(tag, set(tags), found))
+                                     _taken(tag, set(ledger.tags()), found))
     branches = [chain, *alone_ones]
     names = {b.name for b in branches}
     for name in names:

@@ -302,17 +302,12 @@ def report_paths(ws: Workspace, tag: str, out: Path | None) -> tuple[Path, Path]
 def write_report(ws: Workspace, tag: str | None, out: Path | None = None) -> Path:
     """Write report.html and progress.png for `tag` (default: the most recent) and return
     the page's path. Verifies the ledger first: a report is only as true as its ledger."""
-    from overnight.workspace import default_tag
+    from overnight.workspace import known_tag
 
     ledger = ws.ledger()
     try:
         ledger.verify()
-        tags = ledger.tags()
-        if not tags:
-            raise ConfigError("no experiments yet: start with `overnight run`")
-        tag = tag or default_tag(ledger)
-        if tag not in tags:
-            raise ConfigError(f"no experiments with tag '{tag}'; tags: {', '.join(tags)}")
+        tag = known_tag(ledger, tag)
         data = summary(ledger, tag, ws.spec)
         rows = ledger.experiments(tag)
     finally:

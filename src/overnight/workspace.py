@@ -179,6 +179,18 @@ def default_tag(ledger: Ledger) -> str:
     return dt.date.today().strftime("%b%d").lower()
 
 
+def known_tag(ledger: Ledger, tag: str | None) -> str:
+    """`tag` (default: the most recent), as long as the ledger has experiments with it;
+    ConfigError naming the tags otherwise."""
+    tags = ledger.tags()
+    if not tags:
+        raise ConfigError("no experiments yet: start with `overnight run`")
+    tag = tag or tags[-1]
+    if tag not in tags:
+        raise ConfigError(f"no experiments with tag '{tag}'; tags: {', '.join(tags)}")
+    return tag
+
+
 # -- init --------------------------------------------------------------------
 
 _LOWER = ("loss", "bpb", "bpc", "error", "err", "perplexity", "ppl", "time", "seconds", "mse",
