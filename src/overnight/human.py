@@ -124,6 +124,7 @@ class Human:
         self.waiting = False  # the checkpoint was announced: report written, notify ran
         self._next_runs: float | None = None
         self._next_time: float | None = None
+        self._failed: list[Row] = []  # candidates decided since the last keep, failed
         self._stuck_at = 0  # failures in a row when the loop last said it was stuck
 
     # checkpoints
@@ -131,9 +132,9 @@ class Human:
     def begin(self, counted: int, rows: Iterable[Row]) -> None:
         """The loop starts (or resumes) with `counted` runs: the next checkpoint; a tag
         already stuck is not announced again until `stuck_after` more fail."""
-        if self.spec.stuck_after:
-            failed = len(failures_since_keep(rows))
-            self._stuck_at = failed if failed >= self.spec.stuck_after else 0
+        self._failed = failures_since_keep(rows)
+        if self.spec.stuck_after and len(self._failed) >= self.spec.stuck_after:
+            self._stuck_at = len(self._failed)
         every = self.spec.every()
         if every is None:
             return
@@ -148,7 +149,9 @@ class Human:
         if self.checkpoint is not None:
             return
         if self._next_runs is not None and counted >= self._next_runs:
+            n = self.spec.every()[1]
             self.checkpoint = f"{counted} runs"
+            self._next_runs = (counted // n + 1) * n  # the next multiple
         elif self._next_time is not None and time.monotonic() >= self._next_time:
             hours = self.spec.every()[1] / 3600
             self.checkpoint = f"{hours:g} h" if hours >= 1 else f"{hours * 60:g} min"
@@ -156,7 +159,7 @@ class Human:
             self.note(f"checkpoint ({self.checkpoint}): finishing what runs, then waiting for "
                       "`overnight approve`")
 
-    def announce(self, counted: int, report: Path | None) -> None:
+    def announce(self, report: Path | None) -> None:
         """Nothing runs any more: record the checkpoint, tell the person, wait."""
         self.waiting = True
         message = f"checkpoint after {self.checkpoint}"
@@ -165,17 +168,13 @@ class Human:
         self.note(f"{message}: waiting for `overnight approve --tag {self.tag}`{where}")
         self.notify("checkpoint", f"{message} on tag {self.tag}: `overnight approve --tag "
                     f"{self.tag}` goes on", report)
-        self._counted_at = counted
 
     def _approved(self) -> None:
         self.ledger.event(self.tag, "approved", self.checkpoint or "")
         self.note(f"checkpoint ({self.checkpoint}) approved: going on")
         self.checkpoint, self.waiting = None, False
-        every = self.spec.every()
-        if every and every[0] == "runs":
-            self._next_runs = (self._counted_at // every[1] + 1) * every[1]
-        elif every:
-            self._next_time = time.monotonic() + every[1]
+        if self._next_time is not None:  # the next one a whole period after this approval
+            self._next_time = time.monotonic() + self.spec.every()[1]
 
     @property
     def held(self) -> bool:
@@ -192,8 +191,8 @@ class Human:
             if e["kind"] != CONTROL:
                 continue
             try:
-                action = json.loads(e["message"]).get("action")
-                by = json.loads(e["message"]).get("by", "?")
+                sent = json.loads(e["message"])
+                action, by = sent.get("action"), sent.get("by", "?")
             except (ValueError, AttributeError):
                 continue
             if action == "pause" and not self.paused:
@@ -205,10 +204,7 @@ class Human:
                 self.paused = False
                 self.ledger.event(self.tag, "unpaused", by)
                 self.note(f"unpaused ({by})")
-            elif action == "approve" and self.checkpoint is not None:
-                if not self.waiting:
-                    self.waiting = True  # approved before it was announced: go on at once
-                    self._counted_at = 0
+            elif action == "approve" and self.waiting:
                 self._approved()
             elif action == "stop":
                 self.stop = f"stopped by `overnight stop` ({by})"
@@ -219,32 +215,31 @@ class Human:
 
     # stuck
 
-    def stuck(self, rows: Iterable[Row]) -> list[Row]:
-        """The failed candidates since the last keep, oldest first, once there are
+    def stuck(self) -> list[Row]:
+        """The failed candidates since the last keep, in the order decided, once there are
         `stuck_after` of them (else [])."""
         n = self.spec.stuck_after
-        if not n:
-            return []
-        failed = failures_since_keep(rows)
-        return failed if len(failed) >= n else []
+        return list(self._failed) if n and len(self._failed) >= n else []
 
-    def check_stuck(self, rows: Iterable[Row]) -> bool:
-        """After a decision: True (recorded, notified) when the loop just became stuck, or
-        stayed stuck for another `stuck_after` candidates."""
+    def decided(self, row: Row) -> None:
+        """A candidate was decided: a keep ends a streak of failures; a failure extends it,
+        and at `stuck_after` of them (and every `stuck_after` more) the loop says it is
+        stuck (recorded, notified)."""
+        if row.status == Status.KEEP:
+            self._failed, self._stuck_at = [], 0
+            return
+        if row.status not in FAILED_TRIES or (self._failed and self._failed[-1].id == row.id):
+            return
+        self._failed.append(row)
         n = self.spec.stuck_after
-        failed = failures_since_keep(rows) if n else []
-        if len(failed) < n or not n:
-            self._stuck_at = 0
-            return False
-        if len(failed) < self._stuck_at + n:
-            return False
-        self._stuck_at = len(failed)
-        message = (f"{len(failed)} candidates in a row without a keep: the proposer is told "
-                   "and changes tactics")
+        if not n or len(self._failed) < self._stuck_at + n:
+            return
+        self._stuck_at = len(self._failed)
+        message = (f"{len(self._failed)} candidates in a row without a keep: the proposer is "
+                   "told and changes tactics")
         self.ledger.event(self.tag, "stuck", message)
         self.note(f"stuck: {message}")
         self.notify("stuck", f"tag {self.tag}: {message}")
-        return True
 
     # notify
 
@@ -280,10 +275,10 @@ class Human:
 
 
 def failures_since_keep(rows: Iterable[Row]) -> list[Row]:
-    """Decided candidates since the last keep (or the baseline), oldest first: what ran and
-    did not improve. Rejected proposals ran nothing and do not count."""
+    """Decided candidates since the last keep (or the baseline), in the order decided: what
+    ran and did not improve. Rejected proposals ran nothing and do not count."""
     out: list[Row] = []
-    for row in sorted(rows, key=lambda r: r.id):
+    for row in sorted(rows, key=lambda r: (r.decided_at or 0.0, r.id)):
         if row.repeat_of is not None:
             continue
         if row.status == Status.KEEP:

@@ -124,6 +124,7 @@ class Loop:
         self.human = Human(ledger, tag, spec.human, repo.root / ".overnight", self.report.note)
         self.write_report = write_report  # the morning report, at checkpoints and the end
         self._baseline_failure = False
+        self._listened_at = -math.inf  # when the person's actions were last read
 
     # -- the main path -----------------------------------------------------------
 
@@ -186,7 +187,12 @@ class Loop:
         return self._stop or "done"
 
     def _listen(self) -> None:
-        """The person's actions since the last look (a stop ends proposing)."""
+        """The person's actions since the last look, once a CONTROL_POLL_SECONDS at most
+        (the loop goes round for every run that ends); a stop ends proposing."""
+        now = time.monotonic()
+        if now - self._listened_at < CONTROL_POLL_SECONDS:
+            return
+        self._listened_at = now
         self.human.poll()
         if self.human.stop and not self._stop:
             self._stop = self.human.stop
@@ -195,7 +201,7 @@ class Loop:
         """Paused or at a checkpoint, with nothing running: a checkpoint is announced once
         (the report written, notify run), then the loop waits for the person."""
         if self.human.checkpoint is not None and not self.human.waiting:
-            self.human.announce(self._counted(), self._report_quietly())
+            self.human.announce(self._report_quietly())
         time.sleep(CONTROL_POLL_SECONDS)
 
     def _report_quietly(self) -> Path | None:
@@ -505,7 +511,7 @@ class Loop:
             readonly=self._readonly(inc.commit_sha),
             notes=tuple(self.ledger.notes(self.tag)),
             stuck=tuple(_tried(r, objective.metric) for r in
-                        self.human.stuck(self._rows.values())[-STUCK_SHOWN:]),
+                        self.human.stuck()[-STUCK_SHOWN:]),
             tried=self._history.tried,  # every fingerprint: a frozen view, never copied
             counts=self._history.counts(),
             omitted=len(self._history) - len(history),
@@ -1023,7 +1029,7 @@ class Loop:
             self.ledger.update(row.id, **update)
         row = self._get(row.id)
         if not row.is_baseline and row.repeat_of is None:
-            self.human.check_stuck(self._rows.values())
+            self.human.decided(row)
         return row
 
     def _keep_commit(self, row: Row, inc: Row, d: Decision) -> str:
