@@ -32,11 +32,16 @@ def runs_root(ws: Workspace, box: str) -> Path:
     is in ($OVERNIGHT_USER_RUNS, default /var/tmp)."""
     if box != "user":
         return ws.state / "runs"
-    key = hashlib.sha256(str(ws.repo.root).encode()).hexdigest()[:16]
-    root = Path(os.environ.get("OVERNIGHT_USER_RUNS") or USER_RUNS) / f"overnight-runs-{key}"
+    root = user_runs(ws)
     root.mkdir(mode=0o711, parents=True, exist_ok=True)
     root.chmod(0o711)
     return root
+
+
+def user_runs(ws: Workspace) -> Path:
+    """The run directories of sandbox "user" for this repository (not created here)."""
+    key = hashlib.sha256(str(ws.repo.root).encode()).hexdigest()[:16]
+    return Path(os.environ.get("OVERNIGHT_USER_RUNS") or USER_RUNS) / f"overnight-runs-{key}"
 
 
 def run_loop(ws: Workspace, console: Console, tag: str | None = None,

@@ -150,14 +150,10 @@ class Dash:
         without following a link (a run may have put one where its log was)."""
         if not row.log_path:
             return ""
-        path = Path(row.log_path)
-        roots = [self.ws.state / "runs"]
-        try:
-            from overnight.session import USER_RUNS
+        from overnight.session import user_runs
 
-            roots.append(Path(os.environ.get("OVERNIGHT_USER_RUNS") or USER_RUNS))
-        except ImportError:  # pragma: no cover
-            pass
+        path = Path(row.log_path)
+        roots = [self.ws.state / "runs", user_runs(self.ws)]
         real = Path(os.path.realpath(path))
         if not any(root.resolve() in real.parents for root in roots if root.exists()):
             return "(the log is not under a runs directory: not shown)"
