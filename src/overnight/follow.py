@@ -17,7 +17,7 @@ from overnight.human import loop_pid
 from overnight.ledger import Ledger, Row, keeps_in_order
 from overnight.report import _label, result_line
 from overnight.spec import Objective
-from overnight.status import FINAL, Status
+from overnight.status import FINAL, NOT_COUNTED, Status
 from overnight.text import printable
 
 DETACH_LOG = "detach.err"
@@ -119,8 +119,7 @@ def _print_changes(console: Console, objective: Objective, rows: list[Row],
     keeps = keeps_in_order(rows)
     baseline = next((r for r in reversed(keeps) if r.is_baseline), None)
     best = keeps[-1] if keeps else None
-    done = sum(1 for r in rows if r.status in FINAL and r.status not in (Status.REJECTED,
-                                                                         Status.LOST))
+    done = sum(1 for r in rows if r.status in FINAL - NOT_COUNTED)
     for row in rows:
         if seen.get(row.id) == row.status:
             continue

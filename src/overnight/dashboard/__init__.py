@@ -38,7 +38,7 @@ from starlette.routing import Route
 from overnight.errors import ConfigError
 from overnight.human import ACTIONS, loop_state, request
 from overnight.ledger import Row, keeps_in_order
-from overnight.status import Status
+from overnight.status import NOT_COUNTED
 from overnight.workspace import LEDGER_FILE, Workspace, default_tag
 
 TOKEN_FILE = "dash.token"
@@ -113,8 +113,7 @@ class Dash:
             "loop": {"running": loop.running, "paused": loop.paused,
                      "checkpoint": loop.checkpoint},
             "baseline": _brief(baseline), "best": _brief(keeps[-1] if keeps else None),
-            "runs": sum(1 for r in rows if r.status not in (
-                Status.REJECTED, Status.LOST, Status.QUEUED, Status.RUNNING)),
+            "runs": sum(1 for r in rows if r.status not in NOT_COUNTED),
             "spent": {"tokens_in": spent[0], "tokens_out": spent[1], "usd": spent[2]},
             "rows": [_row(r) for r in rows],
             "now": time.time(),
